@@ -1,0 +1,99 @@
+"""Atomic, streaming GGUF writing through gguf-py's GGUFWriter.
+
+All tensor infos (name, ne, type, size) are declared up front, then each tensor's bytes are produced and written
+one at a time, so peak memory is one tensor, not the model. The file is written under a temporary name in the
+destination directory and moved into place with os.replace only after the last byte is flushed and synced: an
+interrupted or failing run leaves the destination as it was (absent, or the previous file) and no temp file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from dq3jax.qtypes import QType
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorJob:
+  """One tensor to write: its bytes come from `produce()` (uint8, exactly `nbytes` long) when its turn comes."""
+
+  name: str
+  ne: tuple[int, ...]  # ggml order
+  qtype: QType
+  produce: Callable[[], np.ndarray]
+
+  @property
+  def n_elements(self) -> int:
+    return int(np.prod(self.ne, dtype=np.int64))
+
+  @property
+  def nbytes(self) -> int:
+    rows = int(np.prod(self.ne[1:], dtype=np.int64)) if len(self.ne) > 1 else 1
+    return rows * self.qtype.row_bytes(self.ne[0])
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+  """Yields a temp path next to `path`; on success it replaces `path`, on any exception it is removed."""
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+  os.close(fd)
+  try:
+    yield tmp
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:  # KeyboardInterrupt too: never leave a partial file behind
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def write_gguf(
+  path: str | os.PathLike,
+  add_metadata: Callable[[gguf.GGUFWriter], None],
+  jobs: Sequence[TensorJob],
+  *,
+  arch: str = "deepseek2",
+  progress: bool = False,
+  on_written: Callable[[TensorJob], None] | None = None,
+) -> None:
+  """Write a GGUF file: `add_metadata(writer)` adds the key/values, `jobs` the tensors in file order."""
+  names = [j.name for j in jobs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"{path}: duplicate tensor names in the job list")
+  with atomic_path(path) as tmp:
+    w = gguf.GGUFWriter(tmp, arch=arch)
+    try:
+      add_metadata(w)
+      for j in jobs:
+        # Element shape in torch order; with a non-uint8 dtype GGUFWriter takes it as is and reverses it to ne.
+        w.add_tensor_info(
+          j.name, tuple(reversed(j.ne)), np.dtype(np.float32), j.nbytes, raw_dtype=gguf.GGMLQuantizationType(j.qtype.id)
+        )
+      w.write_header_to_file()
+      w.write_kv_data_to_file()
+      w.write_ti_data_to_file()
+      bar = tqdm(total=sum(j.n_elements for j in jobs), unit="w", unit_scale=True, disable=not progress, desc="quantize")
+      with bar:
+        for j in jobs:
+          bar.set_postfix_str(f"{j.name} {j.qtype.name}", refresh=False)
+          data = np.ascontiguousarray(j.produce(), dtype=np.uint8).reshape(-1)
+          if data.size != j.nbytes:
+            raise ValueError(f"{path}: tensor {j.name}: produced {data.size} bytes, {j.qtype.name} ne {list(j.ne)} needs {j.nbytes}")
+          w.write_tensor_data(data)
+          bar.update(j.n_elements)
+          if on_written is not None:
+            on_written(j)
+      w.flush()
+    finally:
+      w.close()

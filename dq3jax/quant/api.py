@@ -1,0 +1,328 @@
+"""Public quantize/dequantize: numpy in, numpy out, byte-identical to ggml.
+
+Underneath are jit-compiled block kernels on `jax.Array`s (see kquants.py, legacy.py,
+floats.py, dequant.py). This module validates input, lays rows out as blocks, runs the fast
+float32 kernel, re-runs the few blocks it flags (underflow; see _arith.py) in the exact float64
+arithmetic, and puts the bytes back in row order.
+
+Inputs are processed in chunks whose block counts come from a short list of bucket sizes, so a
+kernel compiles once per (type, mode, bucket), not once per input shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dq3jax.qtypes import GGMLType, QType, qtype_of
+from dq3jax.quant import dequant, floats, kquants, legacy
+from dq3jax.quant._arith import F32_MIN_NORMAL, ExactArith, FastArith
+
+T = GGMLType
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernels:
+  quantize: Callable  # (A, x [be, nb], qw [be, nb] | None[, sigma2 [nb]]) -> bytes [bb, nb]
+  dequantize: Callable  # bytes [nb, bb] -> float32 [nb, be]
+  family: str  # "float": integer-only, no Arith; "legacy": 32-blocks (row-level sigma2); "k": 256-blocks
+
+
+_KERNELS: dict[int, _Kernels] = {
+    T.F32: _Kernels(floats.f32, dequant.f32, "float"),
+    T.F16: _Kernels(floats.f16, dequant.f16, "float"),
+    T.BF16: _Kernels(floats.bf16, dequant.bf16, "float"),
+    T.Q4_0: _Kernels(legacy.q4_0, dequant.q4_0, "legacy"),
+    T.Q4_1: _Kernels(legacy.q4_1, dequant.q4_1, "legacy"),
+    T.Q5_0: _Kernels(legacy.q5_0, dequant.q5_0, "legacy"),
+    T.Q5_1: _Kernels(legacy.q5_1, dequant.q5_1, "legacy"),
+    T.Q8_0: _Kernels(legacy.q8_0, dequant.q8_0, "legacy"),
+    T.Q2_K: _Kernels(kquants.q2_k, dequant.q2_k, "k"),
+    T.Q3_K: _Kernels(kquants.q3_k, dequant.q3_k, "k"),
+    T.Q4_K: _Kernels(kquants.q4_k, dequant.q4_k, "k"),
+    T.Q5_K: _Kernels(kquants.q5_k, dequant.q5_k, "k"),
+    T.Q6_K: _Kernels(kquants.q6_k, dequant.q6_k, "k"),
+    T.Q8_K: _Kernels(kquants.q8_k, dequant.q8_k, "k"),
+}
+
+# Elements per kernel call: inputs are padded up to the next bucket, larger ones chunked.
+_BUCKET_ELEMS = (1 << 14, 1 << 17, 1 << 20)
+
+
+def _bucket_blocks(n_blocks: int, block_elems: int) -> int:
+  for elems in _BUCKET_ELEMS:
+    nb = max(1, elems // block_elems)
+    if n_blocks <= nb:
+      return nb
+  return max(1, _BUCKET_ELEMS[-1] // block_elems)
+
+
+# ------------------------------------------------------------------------------ jit factories
+
+
+@functools.cache
+def _fast_quantizer(type_id: int, with_qw: bool, with_sigma2: bool):
+  k = _KERNELS[type_id]
+
+  def run(x, qw, sigma2, z):  # x [be, nb]
+    if k.family == "float":
+      return k.quantize(x), jnp.zeros((x.shape[-1],), jnp.bool_)
+    A = FastArith(z, x.shape[-1])
+    extra = {"sigma2": sigma2} if with_sigma2 else {}
+    out = k.quantize(A, x, qw if with_qw else None, **extra)
+    return out, A.flag
+
+  return jax.jit(run)
+
+
+@functools.cache
+def _exact_quantizer(type_id: int, with_qw: bool, with_sigma2: bool):
+  k = _KERNELS[type_id]
+
+  def run(x_bits, qw_bits, s2_bits, z):  # float32 inputs arrive as bits: x64 casts would flush subnormals
+    A = ExactArith(z, x_bits.shape[-1])
+    x = A.from_f32_bits(x_bits)
+    qw = A.from_f32_bits(qw_bits) if with_qw else None
+    extra = {"sigma2": A.from_f32_bits(s2_bits)} if with_sigma2 else {}
+    return k.quantize(A, x, qw, **extra)
+
+  return jax.jit(run)
+
+
+@functools.cache
+def _sigma2_fns():
+  def fast(x_rows, z):
+    A = FastArith(z, x_rows.shape[-1])
+    return A.to_f32_bits(legacy.row_sigma2(A, x_rows)), A.flag
+
+  def exact(x_bits, z):
+    A = ExactArith(z, x_bits.shape[-1])
+    return A.to_f32_bits(legacy.row_sigma2(A, A.from_f32_bits(x_bits)))
+
+  return jax.jit(fast), jax.jit(exact)
+
+
+@functools.cache
+def _dequantizer(type_id: int):
+  return jax.jit(_KERNELS[type_id].dequantize)
+
+
+_ZERO = np.int32(0)
+
+
+def _has_subnormal(a: np.ndarray, axis: int) -> np.ndarray:
+  mag = np.abs(a)
+  return ((mag < F32_MIN_NORMAL) & (mag > 0)).any(axis=axis)
+
+
+def _pad_cols(a: np.ndarray, n: int) -> np.ndarray:
+  return a if a.shape[-1] == n else np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, n - a.shape[-1])])
+
+
+def _run_exact(type_id, with_qw, with_sigma2, x, qw, s2) -> np.ndarray:
+  """Exact float64 arithmetic on a few blocks (x [be, m]); returns bytes [bb, m]."""
+  m = x.shape[-1]
+  nbk = _bucket_blocks(m, x.shape[0])
+  fn = _exact_quantizer(type_id, with_qw, with_sigma2)
+  outs = []
+  with jax.enable_x64(True):
+    for s in range(0, m, nbk):
+      sl = slice(s, min(m, s + nbk))
+      xb = _pad_cols(x[:, sl], nbk).view(np.uint32)
+      qb = _pad_cols(qw[:, sl], nbk).view(np.uint32) if with_qw else np.zeros((1,), np.uint32)
+      sb = _pad_cols(s2[sl], nbk).view(np.uint32) if with_sigma2 else np.zeros((1,), np.uint32)
+      outs.append(np.asarray(fn(xb, qb, sb, _ZERO))[:, : sl.stop - sl.start])
+  return np.concatenate(outs, axis=1)
+
+
+def _quantize_blocks(q: QType, xb: np.ndarray, qwb: np.ndarray | None, s2b: np.ndarray | None):
+  """xb [be, NB] float32 (element-major) -> bytes [NB, bb]."""
+  be, n_blocks = xb.shape
+  with_qw, with_s2 = qwb is not None, s2b is not None
+  nbk = _bucket_blocks(n_blocks, be)
+  fast = _fast_quantizer(q.id, with_qw, with_s2)
+  out = np.empty((n_blocks, q.block_bytes), np.uint8)
+  for s in range(0, n_blocks, nbk):
+    e = min(n_blocks, s + nbk)
+    cx = xb[:, s:e]
+    cq = qwb[:, s:e] if with_qw else None
+    cs = s2b[s:e] if with_s2 else None
+    res, flag = fast(
+        _pad_cols(cx, nbk),
+        _pad_cols(cq, nbk) if with_qw else np.zeros((1,), np.float32),
+        _pad_cols(cs, nbk) if with_s2 else np.zeros((1,), np.float32),
+        _ZERO,
+    )
+    res = np.array(res[:, : e - s])
+    if _KERNELS[q.id].family != "float":
+      # Blocks that underflowed in float32, or read a subnormal (which the CPU flushes), are redone exactly.
+      redo = np.asarray(flag)[: e - s] | _has_subnormal(cx, 0)
+      if with_qw:
+        redo |= _has_subnormal(cq, 0)
+      if with_s2:
+        redo |= _has_subnormal(cs[None], 0)
+      idx = np.flatnonzero(redo)
+      if idx.size:
+        res[:, idx] = _run_exact(
+            q.id, with_qw, with_s2, cx[:, idx], cq[:, idx] if with_qw else None,
+            cs[idx] if with_s2 else None,
+        )
+    out[s:e] = res.T
+  return out
+
+
+def _row_sigma2(x: np.ndarray) -> np.ndarray:
+  """Per-row mean square (float32), as the legacy importance-matrix quantizers compute it."""
+  fast, exact = _sigma2_fns()
+  rows = x.shape[0]
+  bits = np.empty(rows, np.uint32)
+  step = 256
+  for s in range(0, rows, step):
+    e = min(rows, s + step)
+    xt = _pad_cols(np.ascontiguousarray(x[s:e].T), step)
+    b, flag = fast(xt, _ZERO)
+    b = np.asarray(b)[: e - s].copy()
+    redo = np.flatnonzero(np.asarray(flag)[: e - s] | _has_subnormal(xt[:, : e - s], 0))
+    if redo.size:
+      with jax.enable_x64(True):
+        b[redo] = np.asarray(exact(_pad_cols(xt[:, redo], step).view(np.uint32), _ZERO))[: redo.size]
+    bits[s:e] = b
+  return bits.view(np.float32)
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def _check_finite(x: np.ndarray, block_elems: int, what: str) -> None:
+  bad = ~np.isfinite(x)
+  if bad.any():
+    r, c = np.argwhere(bad)[0]
+    raise ValueError(
+        f"{what} has a non-finite value {x[r, c]!r} at row {r}, column {c} (block {c // block_elems} of "
+        f"that row); ggml would write garbage bytes for it, so dq3jax refuses "
+        f"({int(bad.sum())} non-finite values in all)"
+    )
+
+
+def _as_rows(x, name: str) -> np.ndarray:
+  a = np.asarray(x)
+  if a.dtype != np.float32:
+    if not np.issubdtype(a.dtype, np.floating):
+      raise TypeError(f"{name} must be a float array, got dtype {a.dtype}")
+    a = a.astype(np.float32)
+  if a.ndim == 1:
+    a = a[None, :]
+  if a.ndim != 2:
+    raise ValueError(f"{name} must be [rows, n] or [n], got shape {a.shape}")
+  return np.ascontiguousarray(a)
+
+
+def _check_imatrix(imatrix, n: int) -> np.ndarray:
+  qw = np.asarray(imatrix, dtype=np.float32)
+  if qw.shape != (n,):
+    raise ValueError(f"imatrix must have shape ({n},) (one weight per column), got {qw.shape}")
+  bad = ~np.isfinite(qw) | (qw < 0)
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(
+        f"imatrix must be finite and >= 0; column {i} is {qw[i]!r} ({int(bad.sum())} bad values in all)"
+    )
+  return qw
+
+
+# ------------------------------------------------------------------------------------ public
+
+
+def quantize(x, qtype, *, imatrix=None) -> np.ndarray:
+  """Quantize float32 rows exactly as ggml's `ggml_quantize_chunk` does.
+
+  Args:
+    x: float32 `[rows, n]` (a 1-D array is one row); `n` must be a multiple of the block size.
+    qtype: a ggml type name ("Q4_K"), id, `gguf.GGMLQuantizationType` or `dq3jax.qtypes.QType`.
+    imatrix: optional float32 `[n]` importance weights (one per column), as llama-quantize passes
+      them. Ignored, as in ggml, by the types that have no importance-matrix variant (F32, F16,
+      BF16, Q8_0).
+
+  Returns:
+    uint8 `[rows, row_bytes]`, byte-identical to ggml.
+  """
+  q = qtype_of(qtype)
+  if q.id not in _KERNELS:
+    raise ValueError(f"dq3jax has no quantizer for {q.name}")
+  rows_x = _as_rows(x, "x")
+  rows, n = rows_x.shape
+  if n % q.block_elems:
+    raise ValueError(
+        f"{q.name}: row width {n} is not a multiple of the block size {q.block_elems} "
+        f"({n % q.block_elems} elements left over)"
+    )
+  if imatrix is not None and q.ggml_type == T.Q8_K:
+    raise ValueError("Q8_K has no importance-matrix variant")
+  qw = _check_imatrix(imatrix, n) if imatrix is not None else None
+  if not q.uses_imatrix:
+    qw = None
+  family = _KERNELS[q.id].family
+  if family != "float":
+    _check_finite(rows_x, q.block_elems, "x")
+  if rows * n == 0:
+    return np.zeros((rows, q.row_bytes(n)), np.uint8)
+  be = q.block_elems
+  xb = np.ascontiguousarray(rows_x.reshape(-1, be).T)  # [be, NB], block b = row b // (n/be)
+  qwb = s2b = None
+  if qw is not None:
+    qwb = np.ascontiguousarray(np.tile(qw.reshape(-1, be), (rows, 1)).T)
+    if family == "legacy":
+      s2b = np.repeat(_row_sigma2(rows_x), n // be)
+  out = _quantize_blocks(q, xb, qwb, s2b)
+  return out.reshape(rows, q.row_bytes(n))
+
+
+def dequantize(data, qtype, shape) -> np.ndarray:
+  """Dequantize ggml bytes to float32 of `shape`, bit-identical to ggml's `to_float`."""
+  q = qtype_of(qtype)
+  if q.id not in _KERNELS:
+    raise ValueError(f"dq3jax has no dequantizer for {q.name}")
+  shape = tuple(int(s) for s in (shape if np.ndim(shape) else (shape,)))
+  if not shape or any(s < 0 for s in shape):
+    raise ValueError(f"invalid shape {shape}")
+  if shape[-1] % q.block_elems:
+    raise ValueError(f"{q.name}: last dimension {shape[-1]} is not a multiple of the block size {q.block_elems}")
+  raw = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
+  if raw.dtype != np.uint8:
+    raise TypeError(f"data must be uint8 bytes, got dtype {raw.dtype}")
+  n_el = int(np.prod(shape))
+  expected = n_el // q.block_elems * q.block_bytes
+  if raw.size != expected:
+    raise ValueError(
+        f"{q.name} data for shape {shape} must be {expected} bytes "
+        f"({n_el // q.block_elems} blocks of {q.block_bytes}), got {raw.size}"
+    )
+  blocks = raw.reshape(-1, q.block_bytes)
+  n_blocks = blocks.shape[0]
+  out = np.empty((n_blocks, q.block_elems), np.float32)
+  if n_blocks == 0:
+    return out.reshape(shape)
+  nbk = _bucket_blocks(n_blocks, q.block_elems)
+  fn = _dequantizer(q.id)
+  ctx = jax.enable_x64(True) if q.ggml_type == T.Q8_K else _nullcontext()
+  with ctx:
+    for s in range(0, n_blocks, nbk):
+      e = min(n_blocks, s + nbk)
+      chunk = blocks[s:e]
+      if chunk.shape[0] != nbk:
+        chunk = np.pad(chunk, [(0, nbk - chunk.shape[0]), (0, 0)])
+      out[s:e] = np.asarray(fn(chunk))[: e - s]
+  return out.reshape(shape)
+
+
+class _nullcontext:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *a):
+    return False

@@ -1,0 +1,80 @@
+"""`dq3jax quantize` end to end on small HF checkpoints (FP8, sharded), through its argparse entry point."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from dq3jax.convert import cli
+from dq3jax.io import gguf_meta, gguf_read, hf_writer, safetensors_ckpt
+from dq3jax.io.imatrix import write_gguf as write_imatrix
+from dq3jax.model import runner
+from dq3jax.model.random_init import init_params, tiny_config
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  cfg = tiny_config(vocab_size=96)
+  d = tmp_path_factory.mktemp("ckpt") / "hf"
+  hf_writer.save(str(d), cfg, init_params(cfg, 5), shards=2, fp8=True)
+  return cfg, str(d)
+
+
+def test_quantize_q8_0_truncated(ckpt, tmp_path, capsys):
+  cfg, d = ckpt
+  out = tmp_path / "m.gguf"
+  rc = cli.main([
+    "quantize", d, str(out), "--recipe", "Q8_0", "--layers", "2", "--experts", "4", "--no-progress"
+  ])  # fmt: skip
+  assert rc == 0
+  text = capsys.readouterr().out
+  assert "recipe Q8_0" in text and "Q8_0" in text and "F16" in text and "bits/weight" in text
+  small, params = gguf_read.load(out)
+  assert small == gguf_meta.as_written(cfg.truncate(layers=2, experts=4))
+  # The file runs: finite logits of the right shape.
+  logits = runner.logits(params, np.array([[1, 2, 3]]), small)
+  assert logits.shape == (1, 3, cfg.vocab_size) and np.isfinite(logits).all()
+
+
+def test_quantize_f32_equals_checkpoint(ckpt, tmp_path):
+  cfg, d = ckpt
+  out = tmp_path / "m.gguf"
+  assert cli.main(["quantize", d, str(out), "--recipe", "F32", "--layout", "kv_b", "--no-progress"]) == 0
+  _, want = safetensors_ckpt.load(d)
+  _, got = gguf_read.load(out)
+  np.testing.assert_array_equal(got["layers"][2]["attn"]["wkv_b"], want["layers"][2]["attn"]["wkv_b"])
+  np.testing.assert_array_equal(got["layers"][2]["mlp"]["experts"]["w_up"], want["layers"][2]["mlp"]["experts"]["w_up"])
+
+
+def test_quantize_with_imatrix_file(ckpt, tmp_path):
+  cfg, d = ckpt
+  ents = {"blk.1.ffn_up_exps.weight": (np.full((8, cfg.hidden_size), 2.0, np.float32), np.full(8, 3))}
+  im = tmp_path / "im.gguf"
+  write_imatrix(im, ents, datasets=("x",), chunk_count=1, chunk_size=3)
+  out = tmp_path / "m.gguf"
+  assert cli.main(["quantize", d, str(out), "--recipe", "Q8_0", "--imatrix", str(im),
+                   "--no-progress"]) == 0  # fmt: skip
+  assert out.exists()
+
+
+@pytest.mark.parametrize(
+  "args, msg",
+  [
+    (["--recipe", "Q9_K"], "unknown recipe"),
+    (["--recipe", "Q8_0", "--layers", "9"], "layers=9"),
+    (["--recipe", "Q8_0", "--imatrix", "/nonexistent/im.dat"], "/nonexistent/im.dat"),
+  ],
+)
+def test_quantize_errors(ckpt, tmp_path, capsys, args, msg):
+  _, d = ckpt
+  out = tmp_path / "m.gguf"
+  assert cli.main(["quantize", d, str(out), *args, "--no-progress"]) == 1
+  assert msg in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
+
+
+def test_quantize_missing_checkpoint(tmp_path, capsys):
+  assert cli.main(["quantize", str(tmp_path / "nope"), str(tmp_path / "m.gguf"), "--recipe", "F16"]) == 1
+  assert "config.json" in capsys.readouterr().err
