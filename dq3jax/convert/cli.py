@@ -35,9 +35,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     help="attention tensors: split attn_k_b/attn_v_b (current converters) or attn_kv_b (older files)",
   )
   p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
-  p.add_argument("--experts", type=int, default=None, help="keep only the first E routed experts per MoE layer")
   p.add_argument(
-    "--fp8-bf16", action="store_true", help="round dequantised FP8 weights to bfloat16 (DeepSeek's weight_dequant)"
+    "--experts", type=int, default=None, help="keep only the first E routed experts per MoE layer"
+  )
+  p.add_argument(
+    "--fp8-bf16",
+    action="store_true",
+    help="round dequantised FP8 weights to bfloat16 (DeepSeek's weight_dequant)",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(func=run)

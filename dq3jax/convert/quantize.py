@@ -34,7 +34,11 @@ from dq3jax.recipes.rules import rule_set as get_rule_set
 log = logging.getLogger(__name__)
 
 PLAIN = ("F32", "F16", "BF16")
-_FILE_TYPE = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16, "BF16": gguf.LlamaFileType.MOSTLY_BF16}
+_FILE_TYPE = {
+  "F32": gguf.LlamaFileType.ALL_F32,
+  "F16": gguf.LlamaFileType.MOSTLY_F16,
+  "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+}
 # Rows are quantized in chunks of about this many elements: bounds quantizer scratch, not results (rows are
 # independent in every ggml quantizer, including the legacy types' per-row imatrix sigma2).
 CHUNK_ELEMS = 1 << 22
@@ -156,7 +160,12 @@ def make_jobs(
       fallback_from=t.fallback_from,
     )
     jobs.append(
-      TensorJob(name=t.name, ne=t.ne, qtype=q, produce=_producer(source, t.name, t.ne, q, rows_imat, result, on_result))
+      TensorJob(
+        name=t.name,
+        ne=t.ne,
+        qtype=q,
+        produce=_producer(source, t.name, t.ne, q, rows_imat, result, on_result),
+      )
     )
   return jobs
 
@@ -170,6 +179,8 @@ def _imatrix_rows(imatrix: Imatrix | None, t, ty: str, recipe: Recipe, cfg) -> n
   try:
     w = imatrix.weights(t.name, ne0)
   except ValueError as e:
+    if t.name == "token_embd.weight":
+      return None  # llama-quantize ignores a token_embd entry of the wrong size
     raise ValueError(f"imatrix {imatrix.path}: {e} (is it for another model?)") from None
   if len(t.ne) > 2 and w.shape[0] > n_slices and gguf_layout.mapping(t.name).kind is gguf_layout.Kind.EXPERTS:
     # A truncated model (--experts E) keeps the first E experts; their statistics are the first E rows.
@@ -186,14 +197,21 @@ def _imatrix_rows(imatrix: Imatrix | None, t, ty: str, recipe: Recipe, cfg) -> n
 
 def _producer(source, name, ne, q: QType, rows_imat, result: TensorResult, on_result):
   def produce() -> np.ndarray:
-    out = []
+    # Filled in place: peak memory is this buffer, one slice of float32 input and one chunk of scratch.
+    rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
+    data = np.empty(rows * q.row_bytes(ne[0]), np.uint8)
+    pos = 0
     for k, x in enumerate(slices(source, name, ne)):
       x = x.reshape(-1, ne[0])
       im = None if rows_imat is None else rows_imat[k]
       step = max(1, CHUNK_ELEMS // ne[0])
       for s in range(0, x.shape[0], step):
-        out.append(dq3jax.quantize(x[s : s + step], q, imatrix=im).reshape(-1))
-    data = np.concatenate(out) if len(out) > 1 else out[0]
+        b = dq3jax.quantize(x[s : s + step], q, imatrix=im).reshape(-1)
+        data[pos : pos + b.size] = b
+        pos += b.size
+      del x
+    if pos != data.size:
+      raise ValueError(f"{name}: produced {pos} bytes, expected {data.size}")
     if on_result is not None:
       on_result(dataclasses.replace(result, bytes=int(data.size)))
     return data
@@ -226,7 +244,9 @@ def quantize_to_gguf(
   results: list[TensorResult] = []
   jobs = make_jobs(source, plan, imatrix=imatrix, on_result=results.append)
   ft = file_type(r)
-  write_gguf(out, lambda w: gguf_meta.metadata(w, cfg, layout, name=name, file_type=ft), jobs, progress=progress)
+  write_gguf(
+    out, lambda w: gguf_meta.metadata(w, cfg, layout, name=name, file_type=ft), jobs, progress=progress
+  )
   return QuantizeResult(
     path=os.fspath(out), recipe=r.name, rules=rules, layout=layout, config=cfg, tensors=tuple(results)
   )

@@ -46,7 +46,12 @@ class CheckpointSource:
   """
 
   def __init__(
-    self, directory: str, *, layers: int | None = None, experts: int | None = None, round_fp8_to_bf16: bool = False
+    self,
+    directory: str,
+    *,
+    layers: int | None = None,
+    experts: int | None = None,
+    round_fp8_to_bf16: bool = False,
   ):
     self.ckpt = HFCheckpoint(directory)
     self.config = self.ckpt.config.truncate(layers=layers, experts=experts)
@@ -56,7 +61,9 @@ class CheckpointSource:
   def get(self, path, expert=None):
     spec = self._specs.get((tuple(path), expert))
     if spec is None:
-      raise KeyError(f"{self.ckpt.directory}: no checkpoint tensor for params path {'.'.join(path)} expert {expert}")
+      raise KeyError(
+        f"{self.ckpt.directory}: no checkpoint tensor for params path {'.'.join(path)} expert {expert}"
+      )
     a = self.ckpt.weight(spec, round_bf16=self.round_fp8_to_bf16)
     if path[-1] in ("router", "router_bias"):
       a = a[: self.config.n_routed_experts]  # the first E router rows / bias entries

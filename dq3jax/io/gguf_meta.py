@@ -22,7 +22,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from dq3jax.model.config import DeepseekV3Config, RopeConfig, RopeKind, yarn_mscale
+from dq3jax.model.config import DeepseekV3Config, RopeConfig, RopeKind
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ def check_representable(cfg: DeepseekV3Config) -> None:
   if not cfg.rope_interleave:
     bad("rope_interleave=False (llama.cpp's deepseek2 always rotates consecutive pairs)")
   if cfg.latent_norm_eps != cfg.rms_norm_eps:
-    bad(f"latent_norm_eps {cfg.latent_norm_eps} != rms_norm_eps {cfg.rms_norm_eps} (llama.cpp has one epsilon)")
+    bad(
+      f"latent_norm_eps {cfg.latent_norm_eps} != rms_norm_eps {cfg.rms_norm_eps} (llama.cpp has one epsilon)"
+    )
   r = cfg.rope
   if r.kind is RopeKind.YARN:
     if (r.beta_fast, r.beta_slow) != (LLAMA_BETA_FAST, LLAMA_BETA_SLOW):
@@ -63,7 +65,9 @@ def check_representable(cfg: DeepseekV3Config) -> None:
       math.isclose(got.cos_sin_factor, r.cos_sin_factor, rel_tol=1e-6)
       and math.isclose(got.softmax_mscale, r.softmax_mscale, rel_tol=1e-6)
     ):
-      bad(f"yarn mscale={r.mscale}, mscale_all_dim={r.mscale_all_dim} (llama.cpp derives mscale from mscale_all_dim)")
+      bad(
+        f"yarn mscale={r.mscale}, mscale_all_dim={r.mscale_all_dim} (llama.cpp derives mscale from mscale_all_dim)"
+      )
 
 
 def as_written(cfg: DeepseekV3Config) -> DeepseekV3Config:
@@ -79,7 +83,10 @@ def _llama_rope(r: RopeConfig) -> RopeConfig:
   mall = r.mscale_all_dim
   if not mall:
     return RopeConfig(
-      kind=r.kind, theta=r.theta, factor=r.factor, original_max_position_embeddings=r.original_max_position_embeddings
+      kind=r.kind,
+      theta=r.theta,
+      factor=r.factor,
+      original_max_position_embeddings=r.original_max_position_embeddings,
     )
   # llama.cpp assumes mscale = 1, except deepseek2 with mscale_all_dim != 1 where mscale = mscale_all_dim.
   mscale = mall if mall != 1.0 else 1.0
@@ -96,12 +103,13 @@ def _llama_rope(r: RopeConfig) -> RopeConfig:
 def _vocab(w: gguf.GGUFWriter, n: int) -> None:
   # A minimal SentencePiece-style vocabulary: llama.cpp needs a tokenizer to load a model, dq3jax and the
   # crosschecks feed token ids directly. DeepSeek's BOS/EOS ids are 0/1; byte tokens when there is room, so
-  # llama.cpp finds a newline token and every byte can be tokenized.
-  tokens, types = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"], [gguf.TokenType.CONTROL] * 2
+  # llama.cpp finds a newline token and every byte can be tokenized. ASCII only: llama.cpp's log lines carry
+  # token text, and llama-cpp-python's log callback fails on multi-byte characters split across lines.
+  tokens, types = ["<s>", "</s>"], [gguf.TokenType.CONTROL] * 2
   if n >= 258:
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [gguf.TokenType.BYTE] * 256
-  tokens += [f"▁t{i}" for i in range(len(tokens), n)]
+  tokens += [f"t{i}" for i in range(len(tokens), n)]
   types += [gguf.TokenType.NORMAL] * (n - len(types))
   tokens, types = tokens[:n], types[:n]
   w.add_tokenizer_model("llama")
@@ -116,7 +124,12 @@ def _vocab(w: gguf.GGUFWriter, n: int) -> None:
 
 
 def metadata(
-  w: gguf.GGUFWriter, cfg: DeepseekV3Config, layout: str, *, name: str = "dq3jax", file_type: int | None = None
+  w: gguf.GGUFWriter,
+  cfg: DeepseekV3Config,
+  layout: str,
+  *,
+  name: str = "dq3jax",
+  file_type: int | None = None,
 ) -> None:
   """Add the deepseek2 keys llama.cpp needs for cfg (see module doc) plus a minimal vocabulary."""
   check_representable(cfg)

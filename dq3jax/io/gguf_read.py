@@ -18,18 +18,31 @@ from typing import Any
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
 import dq3jax
 from dq3jax.io import gguf_layout, gguf_meta
 from dq3jax.io.gguf_layout import Kind
-from dq3jax.qtypes import REGISTRY
 from dq3jax.model.config import DeepseekV3Config
+from dq3jax.qtypes import REGISTRY
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+  0: "<B",
+  1: "<b",
+  2: "<H",
+  3: "<h",
+  4: "<I",
+  5: "<i",
+  6: "<f",
+  7: "<?",
+  10: "<Q",
+  11: "<q",
+  12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 
@@ -188,7 +201,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
       raise c.fail(f"tensor {name!r} has unknown ggml type id {type_id}", type_at) from None
     block, type_size = gguf.GGML_QUANT_SIZES[gt]
     if ne[0] % block:
-      raise c.fail(f"tensor {name!r}: ne[0] = {ne[0]} is not a multiple of the {gt.name} block size {block}", at)
+      raise c.fail(
+        f"tensor {name!r}: ne[0] = {ne[0]} is not a multiple of the {gt.name} block size {block}", at
+      )
     nbytes = int(np.prod(ne, dtype=np.int64)) // block * type_size
     infos.append((name, ne, type_id, gt.name, offset, nbytes, at))
   data_offset = -(-c.pos // alignment) * alignment
@@ -197,7 +212,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     if name in tensors:
       raise GGUFError(f"{path}: duplicate tensor {name!r} (header entry at offset {at})")
     if offset % alignment:
-      raise GGUFError(f"{path}: tensor {name!r}: data offset {offset} is not aligned to {alignment} (header at {at})")
+      raise GGUFError(
+        f"{path}: tensor {name!r}: data offset {offset} is not aligned to {alignment} (header at {at})"
+      )
     start = data_offset + offset
     if start + nbytes > size:
       raise GGUFError(
@@ -208,17 +225,38 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
       name=name, ne=ne, type_id=type_id, type_name=type_name, offset=start, nbytes=nbytes, info_offset=at
     )
   return GGUFFile(
-    path=path, version=version, kv=kv, tensors=tensors, alignment=alignment, data_offset=data_offset, size=size
+    path=path,
+    version=version,
+    kv=kv,
+    tensors=tensors,
+    alignment=alignment,
+    data_offset=data_offset,
+    size=size,
   )
 
 
-def load_config(path: str | os.PathLike, *, v3_defaults: bool = False) -> tuple[DeepseekV3Config, str, GGUFFile]:
+def is_gguf(path: str | os.PathLike) -> bool:
+  """True for a regular file that starts with the GGUF magic (for CLIs taking a checkpoint dir or a .gguf)."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(4) == MAGIC
+  except (IsADirectoryError, FileNotFoundError, PermissionError):
+    return False
+
+
+def load_config(
+  path: str | os.PathLike, *, v3_defaults: bool = False
+) -> tuple[DeepseekV3Config, str, GGUFFile]:
   """(config, layout, parsed file) of a deepseek2 GGUF."""
   f = read_gguf(path)
   embd = f.tensors.get("token_embd.weight")
   return (
     *gguf_meta.config_from_metadata(
-      f.kv, set(f.tensors), path=f.path, vocab_rows=None if embd is None else embd.ne[-1], v3_defaults=v3_defaults
+      f.kv,
+      set(f.tensors),
+      path=f.path,
+      vocab_rows=None if embd is None else embd.ne[-1],
+      v3_defaults=v3_defaults,
     ),
     f,
   )
@@ -242,25 +280,29 @@ def load(
   e = cfg.n_routed_experts
   tree: dict = {"layers": [{} for _ in range(cfg.num_hidden_layers)]}
   kv_b_parts: dict[str, dict[Kind, np.ndarray]] = {}
-  from tqdm import tqdm
-
   for t in tqdm(want, desc="reading", unit="tensor", disable=not progress):
-    entry = f.tensor(t.name)
-    full_ne = _full_ne(t, full)
-    if entry.ne != full_ne:
-      raise GGUFError(
-        f"{f.path}: tensor {t.name!r} (header entry at offset {entry.info_offset}) has ne {list(entry.ne)}, "
-        f"the metadata implies {list(full_ne)}"
-      )
     m = gguf_layout.mapping(t.name)
+    fused = _fused_gate_up(f, t.name)
+    if fused is not None:
+      # Newer converters may store ffn_gate_up_exps = concat(gate, up) along the expert's output rows.
+      _check_ne(f, fused, (t.ne[0], 2 * t.ne[1], full.n_routed_experts))
+      a = f.array(fused, first_slices=e)
+      half = t.ne[1]
+      _set(tree, m.path, np.ascontiguousarray(a[:, :half] if "gate" in t.name.split(".")[2] else a[:, half:]))
+      continue
+    name = t.name
+    if name == "output.weight" and name not in f.tensors and "token_embd.weight" in f.tensors:
+      log.warning("%s: no output.weight; using token_embd.weight (tied), as llama.cpp does", f.path)
+      name = "token_embd.weight"
+    _check_ne(f, name, _full_ne(t, full))
     if m.kind is Kind.EXPERTS:
-      a = f.array(t.name, first_slices=e)
+      a = f.array(name, first_slices=e)
     elif m.path[-1] == "router":
-      a = f.array(t.name, first_slices=e)  # router ne [d, E]: the first E rows
+      a = f.array(name, first_slices=e)  # router ne [d, E]: the first E rows
     elif m.path[-1] == "router_bias":
-      a = f.array(t.name)[:e]
+      a = f.array(name)[:e]
     else:
-      a = f.array(t.name)
+      a = f.array(name)
     if m.kind in (Kind.K_B, Kind.V_B):
       parts = kv_b_parts.setdefault(".".join(m.path), {})
       parts[m.kind] = a
@@ -269,6 +311,24 @@ def load(
       a = gguf_layout.join_kv_b(parts[Kind.K_B], parts[Kind.V_B])
     _set(tree, m.path, np.ascontiguousarray(a))
   return cfg, tree
+
+
+def _fused_gate_up(f: GGUFFile, name: str) -> str | None:
+  parts = name.split(".")
+  if len(parts) == 4 and parts[2] in ("ffn_gate_exps", "ffn_up_exps") and name not in f.tensors:
+    fused = f"blk.{parts[1]}.ffn_gate_up_exps.weight"
+    if fused in f.tensors:
+      return fused
+  return None
+
+
+def _check_ne(f: GGUFFile, name: str, want: tuple[int, ...]) -> None:
+  entry = f.tensor(name)
+  if entry.ne != want:
+    raise GGUFError(
+      f"{f.path}: tensor {name!r} (header entry at offset {entry.info_offset}) has ne {list(entry.ne)}, "
+      f"the metadata implies {list(want)}"
+    )
 
 
 def _full_ne(t, full: DeepseekV3Config) -> tuple[int, ...]:

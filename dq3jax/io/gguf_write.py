@@ -78,19 +78,32 @@ def write_gguf(
       for j in jobs:
         # Element shape in torch order; with a non-uint8 dtype GGUFWriter takes it as is and reverses it to ne.
         w.add_tensor_info(
-          j.name, tuple(reversed(j.ne)), np.dtype(np.float32), j.nbytes, raw_dtype=gguf.GGMLQuantizationType(j.qtype.id)
+          j.name,
+          tuple(reversed(j.ne)),
+          np.dtype(np.float32),
+          j.nbytes,
+          raw_dtype=gguf.GGMLQuantizationType(j.qtype.id),
         )
       w.write_header_to_file()
       w.write_kv_data_to_file()
       w.write_ti_data_to_file()
-      bar = tqdm(total=sum(j.n_elements for j in jobs), unit="w", unit_scale=True, disable=not progress, desc="quantize")
+      bar = tqdm(
+        total=sum(j.n_elements for j in jobs),
+        unit="w",
+        unit_scale=True,
+        disable=not progress,
+        desc="quantize",
+      )
       with bar:
         for j in jobs:
           bar.set_postfix_str(f"{j.name} {j.qtype.name}", refresh=False)
           data = np.ascontiguousarray(j.produce(), dtype=np.uint8).reshape(-1)
           if data.size != j.nbytes:
-            raise ValueError(f"{path}: tensor {j.name}: produced {data.size} bytes, {j.qtype.name} ne {list(j.ne)} needs {j.nbytes}")
+            raise ValueError(
+              f"{path}: tensor {j.name}: produced {data.size} bytes, {j.qtype.name} ne {list(j.ne)} needs {j.nbytes}"
+            )
           w.write_tensor_data(data)
+          del data  # before the next tensor is produced
           bar.update(j.n_elements)
           if on_written is not None:
             on_written(j)

@@ -68,13 +68,30 @@ class FastArith:
   def __init__(self, z: jax.Array, nb: int, flag: jax.Array | None = None):
     self.z = z  # int32 scalar, 0 at run time, unknown at compile time
     self.nb = nb
-    self.flag = jnp.zeros((nb,), jnp.bool_) if flag is None else flag
+    self._flag = jnp.zeros((nb,), jnp.bool_) if flag is None else flag
+    # Underflow events are OR-ed elementwise per result shape and reduced to [nb] only when the
+    # flag is read: a reduction after every op would split XLA's fusions into thousands of kernels.
+    self._pending: dict[tuple[int, ...], jax.Array] = {}
+
+  @property
+  def flag(self) -> jax.Array:
+    for cond in self._pending.values():
+      self._flag = self._flag | _block_any(cond, self.nb)
+    self._pending = {}
+    return self._flag
+
+  @flag.setter
+  def flag(self, value: jax.Array) -> None:
+    self._pending = {}
+    self._flag = value
 
   def fork(self, flag: jax.Array) -> FastArith:
     return FastArith(self.z, self.nb, flag)
 
   def _note(self, cond: jax.Array) -> None:
-    self.flag = self.flag | _block_any(cond, self.nb)
+    shape = tuple(cond.shape)
+    prev = self._pending.get(shape)
+    self._pending[shape] = cond if prev is None else prev | cond
 
   def hide(self, v: jax.Array) -> jax.Array:
     # OR, not XOR: XLA folds xor(xor(a, z), z) back to a, which would let a twice-hidden product
@@ -225,14 +242,32 @@ def seqsum(A: Arith, terms: jax.Array, axis: int, *, from_zero: bool = True):
 def first_absmax(x: jax.Array, axis: int):
   """(amax, the signed element attaining it first) — C's `if (ax > amax) {amax = ax; max = x;}`.
 
-  Both start at +0; comparisons are exact in either arithmetic, so a reduction is faithful:
-  the first index attaining the maximum magnitude is what the strict `>` scan keeps.
+  Both start at +0 and a NaN never compares greater, so NaN entries (which only arise from
+  float32 overflow inside the searches) are skipped. Comparisons are exact in either
+  arithmetic, so a reduction is faithful: the first index attaining the maximum magnitude is
+  what the strict `>` scan keeps.
   """
   ax = jnp.abs(x)
+  ax = jnp.where(jnp.isnan(ax), jnp.zeros_like(ax), ax)
   amax = jnp.max(ax, axis=axis)
   idx = jnp.argmax(ax, axis=axis)
   mx = jnp.take_along_axis(x, jnp.expand_dims(idx, axis), axis=axis).squeeze(axis)
   return amax, jnp.where(amax > 0, mx, jnp.zeros_like(mx))
+
+
+def positive_max(x: jax.Array, axis: int):
+  """C's `m = 0; if (v > m) m = v;` over an axis (NaN never greater; result >= +0)."""
+  m = jnp.max(jnp.where(jnp.isnan(x), jnp.zeros_like(x), x), axis=axis)
+  return jnp.maximum(m, jnp.zeros_like(m))
+
+
+def c_max_scan(x: jax.Array, axis: int):
+  """C's `m = 0; m = MAX(m, v)` with MAX(a, b) = a > b ? a : b, in order (NaN semantics kept)."""
+  m = jnp.zeros_like(lax.index_in_dim(x, 0, axis, keepdims=False))
+  for i in range(x.shape[axis]):
+    v = lax.index_in_dim(x, i, axis, keepdims=False)
+    m = jnp.where(m > v, m, v)
+  return m
 
 
 def scan_min_max(x: jax.Array, axis: int, init_min=None, init_max=None):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dq3jax.quant._arith import GROUP_MAX_EPS, Arith, clamp, first_absmax, scan_min_max, seqsum, wrap_u8
+from dq3jax.quant._arith import GROUP_MAX_EPS, Arith, c_max_scan, clamp, first_absmax, scan_min_max, seqsum, wrap_u8
 
 N_DESCENT_PASSES = 5  # ggml's coordinate-descent passes (make_q3_quants, make_qp_quants)
 
@@ -180,8 +180,8 @@ def make_qkx_quants(A: Arith, x, w, nmax: int, rmin: float, rdelta: float, nstep
 
 def make_qp_quants(A: Arith, x, nmax: int, w):
   """Positive 'scales of scales' (ggml make_qp_quants): codes 0..nmax (uint8 semantics)."""
-  mx = jnp.max(x, axis=1)
-  is_zero = mx < GROUP_MAX_EPS  # C starts max at 0: any all-non-positive group lands here too
+  mx = c_max_scan(x, axis=1)
+  is_zero = mx < GROUP_MAX_EPS  # C starts max at 0, so an all-non-positive group lands here too
   iscale = A.div(A.c(nmax), mx)
 
   def mse(isc, l):

@@ -16,6 +16,7 @@ from dq3jax.quant._arith import (
     Arith,
     clamp,
     first_absmax,
+    positive_max,
     fp16_round,
     seqsum,
     u16_le,
@@ -121,8 +122,8 @@ def q2_k(A: Arith, x, qw=None):
     scale, the_min, codes = S.make_qkx_quants(
         A, xg, jnp.abs(xg), 3, -0.5, 0.1, 15, use_mad=True, degenerate_le=False
     )
-    max_scale = jnp.maximum(jnp.max(scale, axis=0), A.c(0))
-    max_min = jnp.maximum(jnp.max(the_min, axis=0), A.c(0))
+    max_scale = positive_max(scale, axis=0)
+    max_min = positive_max(the_min, axis=0)
     has_s, has_m = max_scale > 0, max_min > 0
     ls = A.nearest_int(A.mul(A.div(A.c(15), max_scale)[None, :], scale))
     lm = A.nearest_int(A.mul(A.div(A.c(15), max_min)[None, :], the_min))
@@ -190,8 +191,8 @@ def _q45_k(A: Arith, x, qw, nmax):
     rmin, rdelta, nstep = (-1.0, 0.1, 20) if nmax == 15 else (-0.5, 0.1, 15)
     scale, the_min, codes = S.make_qkx_quants(A, xg, w, nmax, rmin, rdelta, nstep, use_mad=False,
                                               degenerate_le=False)
-    max_scale = jnp.maximum(jnp.max(scale, axis=0), A.c(0))
-    max_min = jnp.maximum(jnp.max(the_min, axis=0), A.c(0))
+    max_scale = positive_max(scale, axis=0)
+    max_min = positive_max(the_min, axis=0)
     inv_s = jnp.where(max_scale > 0, A.div(A.c(63), max_scale), A.c(0))
     inv_m = jnp.where(max_min > 0, A.div(A.c(63), max_min), A.c(0))
     ls = jnp.minimum(63, wrap_u8(A.nearest_int(A.mul(inv_s[None, :], scale))))

@@ -52,7 +52,9 @@ def mini_config(**overrides):
   return tiny_config(**base)
 
 
-def llama_quantize(src, dst, preset: str, *, imatrix: dict[str, np.ndarray] | None = None, overrides=()) -> None:
+def llama_quantize(
+  src, dst, preset: str, *, imatrix: dict[str, np.ndarray] | None = None, overrides=()
+) -> None:
   """Run llama.cpp's llama_model_quantize: preset ftype, optional imatrix {name: flat float32}, optional
   --tensor-type overrides [(regex, type name)]."""
   from llama_cpp import llama_cpp as lc
@@ -93,8 +95,15 @@ def llama_logits(path, tokens) -> np.ndarray:
   from llama_cpp import Llama
 
   llm = Llama(
-    str(path), logits_all=True, n_ctx=max(32, len(tokens)), n_batch=len(tokens), n_threads=1, verbose=False,
-    type_k=0, type_v=0, seed=0,
+    str(path),
+    logits_all=True,
+    n_ctx=max(32, len(tokens)),
+    n_batch=len(tokens),
+    n_threads=1,
+    verbose=False,
+    type_k=0,
+    type_v=0,
+    seed=0,
   )
   try:
     llm.eval([int(t) for t in tokens])

@@ -16,7 +16,8 @@ from dq3jax.convert.sources import ParamsSource
 from dq3jax.io import gguf_meta, gguf_read
 from dq3jax.io.gguf_read import GGUFError
 from dq3jax.io.gguf_write import write_gguf
-from dq3jax.io.imatrix import read_imatrix, write_gguf as write_imatrix
+from dq3jax.io.imatrix import read_imatrix
+from dq3jax.io.imatrix import write_gguf as write_imatrix
 from dq3jax.model.random_init import init_params, tiny_config
 
 
@@ -67,7 +68,9 @@ def test_truncated_data_names_tensor_and_offsets(good, tmp_path):
   with pytest.raises(GGUFError) as e:
     gguf_read.load(p)
   msg = str(e.value)
-  assert p in msg and f"tensor {last.name!r}" in msg and f"[{last.offset}, {last.offset + last.nbytes})" in msg
+  assert (
+    p in msg and f"tensor {last.name!r}" in msg and f"[{last.offset}, {last.offset + last.nbytes})" in msg
+  )
   assert f"file ends at offset {last.offset + 3}" in msg
 
 
@@ -88,7 +91,9 @@ def test_unknown_tensor_type(good, tmp_path):
   data = bytearray(good[3])
   data[at : at + 4] = struct.pack("<I", 99)
   p = _variant(tmp_path, bytes(data))
-  with pytest.raises(GGUFError, match=re.escape(f"{p}: tensor 'output_norm.weight' has unknown ggml type id 99 at offset {at}")):
+  with pytest.raises(
+    GGUFError, match=re.escape(f"{p}: tensor 'output_norm.weight' has unknown ggml type id 99 at offset {at}")
+  ):
     gguf_read.read_gguf(p)
 
 
@@ -100,25 +105,36 @@ def test_type_dq3jax_cannot_dequantize(good, tmp_path):
   data[at : at + 4] = struct.pack("<I", 20)
   p = _variant(tmp_path, bytes(data))
   info = f.tensors["output_norm.weight"].info_offset
-  with pytest.raises(GGUFError, match=re.escape(f"'output_norm.weight' (header entry at offset {info}) has type IQ4_NL (id 20)")):
+  with pytest.raises(
+    GGUFError,
+    match=re.escape(f"'output_norm.weight' (header entry at offset {info}) has type IQ4_NL (id 20)"),
+  ):
     gguf_read.load(p)
 
 
 def test_missing_tensor(good, tmp_path):
   p = _variant(tmp_path, _replace_once(good[3], b"blk.2.ffn_up_exps.weight", b"blk.2.ffn_up_exps.weighX"))
-  with pytest.raises(GGUFError, match=re.escape(f"{p}: required tensor 'blk.2.ffn_up_exps.weight' is missing")):
+  with pytest.raises(
+    GGUFError, match=re.escape(f"{p}: required tensor 'blk.2.ffn_up_exps.weight' is missing")
+  ):
     gguf_read.load(p)
 
 
-@pytest.mark.parametrize("key", ["deepseek2.expert_count", "deepseek2.attention.kv_lora_rank", "general.architecture"])
+@pytest.mark.parametrize(
+  "key", ["deepseek2.expert_count", "deepseek2.attention.kv_lora_rank", "general.architecture"]
+)
 def test_missing_metadata_key(good, tmp_path, key):
   p = _variant(tmp_path, _replace_once(good[3], key.encode(), key[:-1].encode() + b"_"))
-  with pytest.raises(gguf_meta.GGUFMetadataError, match=re.escape(f"{p}: required metadata key {key!r} is missing")):
+  with pytest.raises(
+    gguf_meta.GGUFMetadataError, match=re.escape(f"{p}: required metadata key {key!r} is missing")
+  ):
     gguf_read.load(p)
 
 
 def test_missing_gating_func_is_refused_unless_v3_defaults(good, tmp_path):
-  p = _variant(tmp_path, _replace_once(good[3], b"deepseek2.expert_gating_func", b"deepseek2.expert_gating_fun_"))
+  p = _variant(
+    tmp_path, _replace_once(good[3], b"deepseek2.expert_gating_func", b"deepseek2.expert_gating_fun_")
+  )
   with pytest.raises(gguf_meta.GGUFMetadataError, match="softmax"):
     gguf_read.load(p)
   cfg, _ = gguf_read.load(p, v3_defaults=True)
@@ -131,7 +147,10 @@ def test_tensor_shape_contradicting_metadata(good, tmp_path):
   jobs = make_jobs(ParamsSource(params, cfg), plan_for(cfg, get_recipe("F32"), "current", "split"))
   p = tmp_path / "bad.gguf"
   write_gguf(p, lambda w: gguf_meta.metadata(w, other, "split"), jobs)
-  with pytest.raises(GGUFError, match=r"tensor 'blk.0.ffn_down.weight' \(header entry at offset \d+\) has ne \[48, 32\], the metadata implies \[96, 32\]"):
+  with pytest.raises(
+    GGUFError,
+    match=r"tensor 'blk.0.ffn_down.weight' \(header entry at offset \d+\) has ne \[48, 32\], the metadata implies \[96, 32\]",
+  ):
     gguf_read.load(p)
 
 
@@ -147,14 +166,18 @@ def test_imatrix_for_another_model_size_mismatch(good, tmp_path):
   # Right name, wrong width (as from a model with another hidden size).
   im = _imatrix(tmp_path, {"blk.0.attn_q_a.weight": ones(64), "blk.1.ffn_up_exps.weight": ones(32, 8)})
   out = tmp_path / "out.gguf"
-  with pytest.raises(ValueError, match=re.escape(str(im.path)) + r".*blk\.0\.attn_q_a\.weight.*another model"):
+  with pytest.raises(
+    ValueError, match=re.escape(str(im.path)) + r".*blk\.0\.attn_q_a\.weight.*another model"
+  ):
     quantize_to_gguf(ParamsSource(params, cfg), out, "Q4_K_M", imatrix=im)
   assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
 
 
 def test_imatrix_with_no_matching_tensor(good, tmp_path):
   cfg, params, _, _ = good
-  im = _imatrix(tmp_path, {"model.layers.0.mlp.gate_proj.weight": (np.ones((1, 32), np.float32), np.full(1, 4))})
+  im = _imatrix(
+    tmp_path, {"model.layers.0.mlp.gate_proj.weight": (np.ones((1, 32), np.float32), np.full(1, 4))}
+  )
   with pytest.raises(ValueError, match=r"none of its 1 entries .* names a tensor of this deepseek2 model"):
     quantize_to_gguf(ParamsSource(params, cfg), tmp_path / "out.gguf", "Q4_K_M", imatrix=im)
 
@@ -176,3 +199,13 @@ def test_legacy_fallback_type_dq3jax_cannot_compute(good, tmp_path):
   with pytest.raises(ValueError, match=r"IQ4_NL.*fallback from Q3_K.*cannot quantize"):
     quantize_to_gguf(ParamsSource(params, cfg), tmp_path / "out.gguf", "Q3_K_M", rules="legacy")
   assert os.listdir(tmp_path) == []
+
+
+def test_imatrix_token_embd_of_wrong_size_is_ignored_like_llama_quantize(good, tmp_path):
+  cfg, params, _, _ = good
+  im = _imatrix(tmp_path, {"token_embd.weight": (np.ones((1, 2 * cfg.hidden_size), np.float32), np.full(1, 4))})
+  a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+  quantize_to_gguf(ParamsSource(params, cfg), a, "Q4_K_M")
+  res = quantize_to_gguf(ParamsSource(params, cfg), b, "Q4_K_M", imatrix=im)
+  assert not any(t.imatrix for t in res.tensors)
+  assert a.read_bytes() == b.read_bytes()

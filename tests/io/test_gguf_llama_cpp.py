@@ -10,8 +10,9 @@
    k-quant weights, Q8_0 for Q4_0/Q5_0/Q8_0 weights) before the integer dot products, and route experts on
    those perturbed activations, while the oracle multiplies float32 activations by the dequantized weights.
    Positions where the oracle's expert selection has a near-tie (gap < MARGIN) flip under that perturbation and
-   are excluded (and counted); the bounds below hold for the rest. Bounds are about 4x the measured worst case
-   on this model (NMSE 2-5e-4 per position for Q8_0/K-quants).
+   are excluded (and counted); the bounds below hold for the rest (about 3x the measured worst case). The gap
+   is 0.05 because the activation error reaching the router is ~2% relative (NMSE ~5e-4 per position), which
+   moves sigmoid scores by up to ~0.01; 0.01 proved too small (one flip at a gap of ~0.02).
 """
 
 from __future__ import annotations
@@ -37,19 +38,23 @@ pytestmark = [
 ]
 
 SEED = 0
-MARGIN = 0.01  # routing gap below which a position is a near-tie (see module doc)
+MARGIN = 0.05  # routing gap below which a position is a near-tie (see module doc)
 # A random model's top-2 logits are often within rounding of each other, so top-1 agreement is asserted only
 # where the oracle's lead exceeds LEAD logits; the overall agreement is printed and loosely bounded.
 LEAD = 0.25
-# (nmse, mean KL, max KL, min overall top-1 agreement) over positions without near-ties; measured in comments.
+# (nmse, mean KL, max KL, min overall top-1 agreement) over positions without near-ties. Measured on this model
+# (llama.cpp 0c1e570, x86-64 AVX-512 CPU; the k-quant files carry the imatrix): F32 nmse 8e-13; Q8_0 3.1e-4,
+# KL mean 1.6e-4, max 2.6e-4; Q6_K 5.8e-4 / 2.9e-4 / 5.0e-4; Q4_K_M 6.7e-4 / 3.4e-4 / 5.7e-4; Q3_K_M, Q2_K,
+# DQ3_K_M 5.9-6.2e-4 / 3.1-3.2e-4 / 5.1-5.5e-4; overall top-1 0.86-1.0. Bounds are ~3x the worst of these.
+_Q = (2e-3, 1e-3, 2e-3, 0.7)
 BOUNDS = {
-  "F32": (1e-9, 1e-9, 1e-8, 1.0),  # nmse 8e-13, max KL 8e-13
-  "Q8_0": (2e-3, 1e-3, 2e-3, 0.7),  # nmse 3.1e-4, mean KL 1.6e-4, max KL 2.6e-4, top-1 0.86
-  "Q6_K": (2e-3, 1e-3, 2e-3, 0.7),
-  "Q4_K_M": (2e-3, 1e-3, 2e-3, 0.7),
-  "Q3_K_M": (2e-3, 1e-3, 2e-3, 0.7),
-  "Q2_K": (2e-3, 1e-3, 2e-3, 0.7),
-  "DQ3_K_M": (2e-3, 1e-3, 2e-3, 0.7),
+  "F32": (1e-9, 1e-9, 1e-8, 1.0),
+  "Q8_0": _Q,
+  "Q6_K": _Q,
+  "Q4_K_M": _Q,
+  "Q3_K_M": _Q,
+  "Q2_K": _Q,
+  "DQ3_K_M": _Q,
 }
 
 
