@@ -5,6 +5,7 @@
                      under --xla_cpu_max_isa=AVX (no FMA), plus the model vs transformers
   nox -s bench       throughput vs ggml and forward time vs transformers, measured in one run
   nox -s lint        ruff
+  nox -s goldens     regenerate goldens/ from seeds and verify it
 """
 
 import os
@@ -53,3 +54,11 @@ def bench(session):
 def lint(session):
   session.install("ruff>=0.6")
   session.run("ruff", "check", "dq3jax", "reference", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session(python=PY)
+def goldens(session):
+  """Regenerate goldens/ from seeds (atomically), then verify it against the manifest and a fresh run."""
+  _install(session)
+  session.run("dq3jax", "goldens", "--dir", "goldens")
+  session.run("dq3jax", "goldens", "--dir", "goldens", "--check", "--no-regenerate")

@@ -8,6 +8,8 @@ import sys
 
 def _build_parser() -> argparse.ArgumentParser:
   # Subcommand modules are imported here, not at package import, so `import dq3jax` stays light.
+  from dq3jax import goldens  # noqa: PLC0415
+  from dq3jax.convert import cli as quantize_cli  # noqa: PLC0415
   from dq3jax.model import cli_logits  # noqa: PLC0415
   from dq3jax.recipes import plan  # noqa: PLC0415
 
@@ -16,15 +18,7 @@ def _build_parser() -> argparse.ArgumentParser:
       description="Reference implementation and test oracle for quantized DeepSeek-V3/R1.",
   )
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for module in (cli_logits, plan):
-    module.add_parser(sub)
-  for name in ("dq3jax.quantize_cmd", "dq3jax.kernels_cmd"):
-    try:
-      module = __import__(name, fromlist=["add_parser"])
-    except ModuleNotFoundError as e:
-      if e.name != name:
-        raise
-      continue
+  for module in (cli_logits, plan, quantize_cli, goldens):
     module.add_parser(sub)
   return parser
 

@@ -83,3 +83,11 @@ def test_quantize_errors(ckpt, tmp_path, capsys, args, msg):
 def test_quantize_missing_checkpoint(tmp_path, capsys):
   assert cli.main(["quantize", str(tmp_path / "nope"), str(tmp_path / "m.gguf"), "--recipe", "F16"]) == 1
   assert "config.json" in capsys.readouterr().err
+
+
+def test_dq3jax_main_dispatches_quantize(ckpt, tmp_path, capsys):
+  from dq3jax import cli as dq3jax_cli
+
+  out = tmp_path / "m.gguf"
+  assert dq3jax_cli.main(["quantize", ckpt[1], str(out), "--recipe", "BF16", "--no-progress"]) == 0
+  assert "recipe BF16" in capsys.readouterr().out and gguf_read.is_gguf(out)

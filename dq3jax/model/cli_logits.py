@@ -18,7 +18,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     description="Load an HF DeepSeek-V3/R1 checkpoint (optionally truncated) and write logits [batch, seq, vocab] "
     "as float32 .npy.",
   )
-  p.add_argument("checkpoint", help="HF checkpoint directory (config.json + safetensors, single or sharded)")
+  p.add_argument(
+    "checkpoint", help="HF checkpoint directory (config.json + safetensors, single or sharded) or a deepseek2 .gguf"
+  )
   p.add_argument("--tokens", required=True, help=".npy of integer token ids [batch, seq]")
   p.add_argument("--out", required=True, help="output .npy, float32 [batch, seq, vocab]")
   p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
@@ -55,14 +57,19 @@ def run(args: argparse.Namespace) -> int:
       file=sys.stderr,
     )
     return 2
+  from dq3jax.io import gguf_read
+
   try:
-    cfg, params = safetensors_ckpt.load(
-      args.checkpoint,
-      layers=args.layers,
-      experts=args.experts,
-      progress=True,
-      round_fp8_to_bf16=args.fp8_bf16,
-    )
+    if gguf_read.is_gguf(args.checkpoint):
+      cfg, params = gguf_read.load(args.checkpoint, layers=args.layers, experts=args.experts, progress=True)
+    else:
+      cfg, params = safetensors_ckpt.load(
+        args.checkpoint,
+        layers=args.layers,
+        experts=args.experts,
+        progress=True,
+        round_fp8_to_bf16=args.fp8_bf16,
+      )
   except (CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

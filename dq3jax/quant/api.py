@@ -21,7 +21,7 @@ import numpy as np
 
 from dq3jax.qtypes import GGMLType, QType, qtype_of
 from dq3jax.quant import dequant, floats, kquants, legacy
-from dq3jax.quant._arith import F32_MIN_NORMAL, ExactArith, FastArith
+from dq3jax.quant._arith import SAFE_MAGNITUDE, ExactArith, FastArith
 
 T = GGMLType
 
@@ -115,9 +115,10 @@ def _dequantizer(type_id: int):
 _ZERO = np.int32(0)
 
 
-def _has_subnormal(a: np.ndarray, axis: int) -> np.ndarray:
+def _has_tiny(a: np.ndarray, axis: int) -> np.ndarray:
+  """Blocks holding a nonzero value below SAFE_MAGNITUDE: the fast path's proof does not cover them."""
   mag = np.abs(a)
-  return ((mag < F32_MIN_NORMAL) & (mag > 0)).any(axis=axis)
+  return ((mag < SAFE_MAGNITUDE) & (mag > 0)).any(axis=axis)
 
 
 def _pad_cols(a: np.ndarray, n: int) -> np.ndarray:
@@ -160,12 +161,12 @@ def _quantize_blocks(q: QType, xb: np.ndarray, qwb: np.ndarray | None, s2b: np.n
     )
     res = np.array(res[:, : e - s])
     if _KERNELS[q.id].family != "float":
-      # Blocks that underflowed in float32, or read a subnormal (which the CPU flushes), are redone exactly.
-      redo = np.asarray(flag)[: e - s] | _has_subnormal(cx, 0)
+      # Blocks that may have underflowed in float32 (or read a tiny input) are redone exactly.
+      redo = np.asarray(flag)[: e - s] | _has_tiny(cx, 0)
       if with_qw:
-        redo |= _has_subnormal(cq, 0)
+        redo |= _has_tiny(cq, 0)
       if with_s2:
-        redo |= _has_subnormal(cs[None], 0)
+        redo |= _has_tiny(cs[None], 0)
       idx = np.flatnonzero(redo)
       if idx.size:
         res[:, idx] = _run_exact(
@@ -187,7 +188,7 @@ def _row_sigma2(x: np.ndarray) -> np.ndarray:
     xt = _pad_cols(np.ascontiguousarray(x[s:e].T), step)
     b, flag = fast(xt, _ZERO)
     b = np.asarray(b)[: e - s].copy()
-    redo = np.flatnonzero(np.asarray(flag)[: e - s] | _has_subnormal(xt[:, : e - s], 0))
+    redo = np.flatnonzero(np.asarray(flag)[: e - s] | _has_tiny(xt[:, : e - s], 0))
     if redo.size:
       with jax.enable_x64(True):
         b[redo] = np.asarray(exact(_pad_cols(xt[:, redo], step).view(np.uint32), _ZERO))[: redo.size]
@@ -203,7 +204,7 @@ def _check_finite(x: np.ndarray, block_elems: int, what: str) -> None:
   if bad.any():
     r, c = np.argwhere(bad)[0]
     raise ValueError(
-        f"{what} has a non-finite value {x[r, c]!r} at row {r}, column {c} (block {c // block_elems} of "
+        f"{what} has a non-finite value {float(x[r, c])!r} at row {r}, column {c} (block {c // block_elems} of "
         f"that row); ggml would write garbage bytes for it, so dq3jax refuses "
         f"({int(bad.sum())} non-finite values in all)"
     )
@@ -230,7 +231,7 @@ def _check_imatrix(imatrix, n: int) -> np.ndarray:
   if bad.any():
     i = int(np.flatnonzero(bad)[0])
     raise ValueError(
-        f"imatrix must be finite and >= 0; column {i} is {qw[i]!r} ({int(bad.sum())} bad values in all)"
+        f"imatrix must be finite and >= 0; column {i} is {float(qw[i])!r} ({int(bad.sum())} bad values in all)"
     )
   return qw
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from gguf_llama_ref import llama_logits, llama_quantize, logit_stats, mini_config, routing_margins
 
+import dq3jax
 from dq3jax.convert.quantize import get_recipe, plan_for, quantize_to_gguf
 from dq3jax.convert.sources import ParamsSource
 from dq3jax.io import gguf_read
@@ -192,3 +193,15 @@ def test_file_metadata_as_llama_cpp_reads_it(mini):
   assert kv[a + "expert_group_count"] == cfg.n_group
   assert kv[a + "expert_group_used_count"] == cfg.topk_group
   assert abs(kv[a + "expert_weights_scale"] - cfg.routed_scaling_factor) < 1e-6
+
+
+def test_reads_files_written_by_llama_cpp(mini, tmp_path):
+  # llama.cpp's own writer (gguf.cpp via llama_model_quantize) lays the header out independently of gguf-py.
+  cfg, params, paths = mini
+  ref = tmp_path / "llama-q8.gguf"
+  llama_quantize(paths["split"], ref, "Q8_0")
+  cfg2, p2 = gguf_read.load(ref)
+  assert cfg2 == cfg
+  w = params["layers"][1]["mlp"]["experts"]["w_up"]
+  want = dq3jax.dequantize(dq3jax.quantize(w.reshape(-1, w.shape[-1]), "Q8_0"), "Q8_0", w.shape)
+  np.testing.assert_array_equal(p2["layers"][1]["mlp"]["experts"]["w_up"], want)
