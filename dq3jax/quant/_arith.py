@@ -343,7 +343,8 @@ def f16_bits_to_f32_bits(h: jax.Array) -> jax.Array:
   expo = (h >> 10) & 0x1F
   mant = h & 0x3FF
   normal = ((expo + 112) << 23) | (mant << 13)
-  inf_nan = jnp.uint32(0x7F800000) | (mant << 13)
+  # A NaN comes out quiet (bit 22 set), as the hardware conversion ggml uses does it.
+  inf_nan = jnp.uint32(0x7F800000) | (mant << 13) | jnp.where(mant != 0, jnp.uint32(0x400000), jnp.uint32(0))
   # Subnormal half: mant * 2^-24, renormalised by the position of its leading bit.
   lead = 31 - lax.clz(jnp.maximum(mant, 1))  # 0..9
   sub = ((lead + 103).astype(jnp.uint32) << 23) | ((mant << (23 - lead).astype(jnp.uint32)) & 0x7FFFFF)

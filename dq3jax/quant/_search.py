@@ -31,12 +31,20 @@ def make_qx_quants(A: Arith, x, nmax: int, qw=None):
   w = A.mul(x, x) if qw is None else qw
   wx = A.mul(w, x)
 
+  xs = [_at(x, i) for i in range(x.shape[1])]  # per-element [P, nb] slices (see make_qkx_quants)
+  ws = [_at(w, i) for i in range(x.shape[1])]
+  wxs = [_at(wx, i) for i in range(x.shape[1])]
+
   def trial(B, iscale):
-    l = clamp(B.nearest_int(B.mul(iscale[:, None, :], x)), -nmax, nmax - 1)
-    lf = B.from_int(l)
-    sumlx = seqsum(B, B.mul(wx, lf), axis=1)
-    suml2 = seqsum(B, B.mul(B.mul(w, lf), lf), axis=1)
-    return l, sumlx, suml2
+    sumlx = suml2 = B.zero()
+    ls = []
+    for xi, wi, wxi in zip(xs, ws, wxs, strict=True):
+      li = clamp(B.nearest_int(B.mul(iscale, xi)), -nmax, nmax - 1)
+      ls.append(li)
+      lf = B.from_int(li)
+      sumlx = B.add(sumlx, B.mul(wxi, lf))
+      suml2 = B.add(suml2, B.mul(B.mul(wi, lf), lf))
+    return jnp.stack(ls, axis=1), sumlx, suml2
 
   l, sumlx, suml2 = trial(A, A.div(A.c(-nmax), mx))
   codes = l + nmax
@@ -146,27 +154,35 @@ def make_qkx_quants(A: Arith, x, w, nmax: int, rmin: float, rdelta: float, nstep
   steps = np.arange(nstep + 1, dtype=np.float32)
   factors = (np.float32(rmin) + np.float32(rdelta) * steps) + np.float32(nmax)
 
+  xs = [_at(x, i) for i in range(x.shape[1])]  # per-element [P, nb] slices: XLA fuses each
+  ws = [_at(w, i) for i in range(x.shape[1])]  # element's whole chain this way, far faster
+
   def trial(k, carry):
     codes, scale, mn, best, flag = carry
     B = A.fork(flag)
     isc = B.div(jnp.asarray(factors, B.dtype)[k], B.sub(mx, mn))
-    l = clamp(B.nearest_int(B.mul(isc[:, None, :], B.sub(x, mn[:, None, :]))), 0, nmax)
-    lf = B.from_int(l)
-    wl = B.mul(w, lf)
-    sum_l = seqsum(B, wl, axis=1)
-    sum_l2 = seqsum(B, B.mul(wl, lf), axis=1)
-    sum_xl = seqsum(B, B.mul(wl, x), axis=1)
+    sum_l = sum_l2 = sum_xl = B.zero()
+    ls = []
+    for xi, wi in zip(xs, ws, strict=True):
+      li = clamp(B.nearest_int(B.mul(isc, B.sub(xi, mn))), 0, nmax)
+      ls.append(li)
+      lf = B.from_int(li)
+      wl = B.mul(wi, lf)
+      sum_l = B.add(sum_l, wl)
+      sum_l2 = B.add(sum_l2, B.mul(wl, lf))
+      sum_xl = B.add(sum_xl, B.mul(wl, xi))
     det = B.sub(B.mul(sum_w, sum_l2), B.mul(sum_l, sum_l))
     t_scale = B.div(B.sub(B.mul(sum_w, sum_xl), B.mul(sum_x, sum_l)), det)
     t_min = B.div(B.sub(B.mul(sum_l2, sum_x), B.mul(sum_l, sum_xl)), det)
     pos = t_min > 0
     t_min = jnp.where(pos, B.c(0), t_min)
     t_scale = jnp.where(pos, B.div(sum_xl, sum_l2), t_scale)
-    diff = B.sub(B.add(B.mul(t_scale[:, None, :], lf), t_min[:, None, :]), x)
-    e = jnp.abs(diff) if use_mad else B.mul(diff, diff)
-    cur = seqsum(B, B.mul(w, e), axis=1)
+    cur = B.zero()
+    for xi, wi, li in zip(xs, ws, ls, strict=True):
+      diff = B.sub(B.add(B.mul(t_scale, B.from_int(li)), t_min), xi)
+      cur = B.add(cur, B.mul(wi, jnp.abs(diff) if use_mad else B.mul(diff, diff)))
     take = (det > 0) & (cur < best)
-    codes = jnp.where(take[:, None, :], l, codes)
+    codes = jnp.where(take[:, None, :], jnp.stack(ls, axis=1), codes)
     return (codes, jnp.where(take, t_scale, scale), jnp.where(take, t_min, mn),
             jnp.where(take, cur, best), B.flag)
 

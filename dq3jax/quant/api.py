@@ -5,8 +5,8 @@ floats.py, dequant.py). This module validates input, lays rows out as blocks, ru
 float32 kernel, re-runs the few blocks it flags (underflow; see _arith.py) in the exact float64
 arithmetic, and puts the bytes back in row order.
 
-Inputs are processed in chunks whose block counts come from a short list of bucket sizes, so a
-kernel compiles once per (type, mode, bucket), not once per input shape.
+Inputs are processed in fixed-size chunks, so a kernel compiles once per (type, mode), not once
+per input shape.
 """
 
 from __future__ import annotations
@@ -50,16 +50,15 @@ _KERNELS: dict[int, _Kernels] = {
     T.Q8_K: _Kernels(kquants.q8_k, dequant.q8_k, "k"),
 }
 
-# Elements per kernel call: inputs are padded up to the next bucket, larger ones chunked.
-_BUCKET_ELEMS = (1 << 14, 1 << 18)
+# Elements per kernel call. The fast kernels always run on chunks of _FAST_CHUNK elements (small
+# inputs are padded, large ones chunked) so each compiles exactly once; the exact kernels, which
+# only see the few blocks the fast run flags, on chunks of _EXACT_CHUNK.
+_FAST_CHUNK = 1 << 18
+_EXACT_CHUNK = 1 << 14
 
 
-def _bucket_blocks(n_blocks: int, block_elems: int) -> int:
-  for elems in _BUCKET_ELEMS:
-    nb = max(1, elems // block_elems)
-    if n_blocks <= nb:
-      return nb
-  return max(1, _BUCKET_ELEMS[-1] // block_elems)
+def _chunk_blocks(chunk_elems: int, block_elems: int) -> int:
+  return max(1, chunk_elems // block_elems)
 
 
 # ------------------------------------------------------------------------------ jit factories
@@ -128,7 +127,7 @@ def _pad_cols(a: np.ndarray, n: int) -> np.ndarray:
 def _run_exact(type_id, with_qw, with_sigma2, x, qw, s2) -> np.ndarray:
   """Exact float64 arithmetic on a few blocks (x [be, m]); returns bytes [bb, m]."""
   m = x.shape[-1]
-  nbk = _bucket_blocks(1, x.shape[0])  # one small bucket: few blocks come here
+  nbk = _chunk_blocks(_EXACT_CHUNK, x.shape[0])
   fn = _exact_quantizer(type_id, with_qw, with_sigma2)
   outs = []
   with jax.enable_x64(True):
@@ -145,7 +144,7 @@ def _quantize_blocks(q: QType, xb: np.ndarray, qwb: np.ndarray | None, s2b: np.n
   """xb [be, NB] float32 (element-major) -> bytes [NB, bb]."""
   be, n_blocks = xb.shape
   with_qw, with_s2 = qwb is not None, s2b is not None
-  nbk = _bucket_blocks(n_blocks, be)
+  nbk = _chunk_blocks(_FAST_CHUNK, be)
   fast = _fast_quantizer(q.id, with_qw, with_s2)
   out = np.empty((n_blocks, q.block_bytes), np.uint8)
   for s in range(0, n_blocks, nbk):
@@ -308,7 +307,7 @@ def dequantize(data, qtype, shape) -> np.ndarray:
   out = np.empty((n_blocks, q.block_elems), np.float32)
   if n_blocks == 0:
     return out.reshape(shape)
-  nbk = _bucket_blocks(n_blocks, q.block_elems)
+  nbk = _chunk_blocks(_FAST_CHUNK, q.block_elems)
   fn = _dequantizer(q.id)
   ctx = jax.enable_x64(True) if q.ggml_type == T.Q8_K else _nullcontext()
   with ctx:

@@ -162,4 +162,5 @@ def test_fp16_to_fp32_is_exact_for_all_patterns():
   want = h.astype(np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
   nan = np.isnan(h.astype(np.uint16).view(np.float16))
   assert np.array_equal(got[~nan], want[~nan])
-  assert np.all((got[nan] & 0x7F800000) == 0x7F800000)
+  # NaNs keep sign and payload and come out quiet, as ggml's (hardware) conversion returns them.
+  assert np.array_equal(got[nan], want[nan] | 0x400000)
