@@ -29,7 +29,7 @@ def _install(session):
 def tests(session):
   """Default suite: everything not marked slow (includes the ggml and transformers cross-checks)."""
   _install(session)
-  session.run("python", "-m", "pytest", "-m", "not slow", *session.posargs)
+  session.run("python", "-m", "pytest", "-m", "not slow", "-n", "2", *session.posargs)
 
 
 @nox.session(python=PY)

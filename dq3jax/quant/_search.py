@@ -12,7 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dq3jax.quant._arith import GROUP_MAX_EPS, Arith, c_max_scan, clamp, first_absmax, scan_min_max, seqsum, wrap_u8
+from dq3jax.quant._arith import (
+  GROUP_MAX_EPS,
+  Arith,
+  c_max_scan,
+  clamp,
+  first_absmax,
+  scan_min_max,
+  seqsum,
+  wrap_u8,
+)
 
 N_DESCENT_PASSES = 5  # ggml's coordinate-descent passes (make_q3_quants, make_qp_quants)
 

@@ -12,16 +12,16 @@ import jax.numpy as jnp
 
 from dq3jax.quant import _search as S
 from dq3jax.quant._arith import (
-    GROUP_MAX_EPS,
-    Arith,
-    clamp,
-    first_absmax,
-    positive_max,
-    fp16_round,
-    seqsum,
-    u16_le,
-    wrap_i8,
-    wrap_u8,
+  GROUP_MAX_EPS,
+  Arith,
+  clamp,
+  first_absmax,
+  fp16_round,
+  positive_max,
+  seqsum,
+  u16_le,
+  wrap_i8,
+  wrap_u8,
 )
 
 QK_K = 256

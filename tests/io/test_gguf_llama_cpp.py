@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import gguf
 import numpy as np
 import pytest
@@ -35,7 +33,6 @@ from dq3jax.recipes.llama_args import tensor_type_overrides
 
 pytestmark = [
   pytest.mark.crosscheck,
-  pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed"),
 ]
 
 SEED = 0

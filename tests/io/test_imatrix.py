@@ -1,7 +1,6 @@
 """llama.cpp importance matrices: both file formats, corrupt files, and when llama-quantize applies them."""
 
 import ctypes
-import importlib.util
 import pathlib
 import struct
 
@@ -203,7 +202,6 @@ def test_when_llama_quantize_applies_the_imatrix():
 
 
 @pytest.mark.crosscheck
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
 @pytest.mark.parametrize(
   "t", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "F16", "IQ4_NL"]
 )

@@ -16,8 +16,8 @@ import numpy as np
 
 import dq3jax
 from dq3jax.qtypes import REGISTRY
-from reference import ggml_ref
 from dq3jax.quant import stress_inputs as inputs
+from reference import ggml_ref
 from tests.quant.compare import first_mismatch_report, float_bits_report
 
 # Types whose ggml_quantize_chunk takes a separate path with an importance matrix get both modes.

@@ -7,10 +7,8 @@ vacuously), then shows dq3jax's primitive gives IEEE float32 results bit for bit
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from dq3jax.quant import _arith
 from dq3jax.quant._arith import ExactArith, FastArith

@@ -5,7 +5,6 @@ With an importance matrix (written and read back through dq3jax.io.imatrix), a t
 where `imatrix_use` says llama-quantize applies it."""
 
 import ctypes
-import importlib.util
 
 import gguf
 import numpy as np
@@ -19,7 +18,6 @@ from dq3jax.recipes.recipe_file import resolve_recipe
 
 pytestmark = [
   pytest.mark.crosscheck,
-  pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed"),
 ]
 
 TINY = {
