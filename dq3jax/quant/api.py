@@ -55,6 +55,7 @@ _KERNELS: dict[int, _Kernels] = {
 # only see the few blocks the fast run flags, on chunks of _EXACT_CHUNK.
 _FAST_CHUNK = 1 << 18
 _EXACT_CHUNK = 1 << 14
+_DEQUANT_CHUNK = 1 << 20  # dequantization is memory-bound and cheap to compile: larger chunks
 
 
 def _chunk_blocks(chunk_elems: int, block_elems: int) -> int:
@@ -307,7 +308,7 @@ def dequantize(data, qtype, shape) -> np.ndarray:
   out = np.empty((n_blocks, q.block_elems), np.float32)
   if n_blocks == 0:
     return out.reshape(shape)
-  nbk = _chunk_blocks(_FAST_CHUNK, q.block_elems)
+  nbk = _chunk_blocks(_DEQUANT_CHUNK, q.block_elems)
   fn = _dequantizer(q.id)
   ctx = jax.enable_x64(True) if q.ggml_type == T.Q8_K else _nullcontext()
   with ctx:
