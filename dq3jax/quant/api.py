@@ -11,6 +11,7 @@ per input shape.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -310,7 +311,7 @@ def dequantize(data, qtype, shape) -> np.ndarray:
     return out.reshape(shape)
   nbk = _chunk_blocks(_DEQUANT_CHUNK, q.block_elems)
   fn = _dequantizer(q.id)
-  ctx = jax.enable_x64(True) if q.ggml_type == T.Q8_K else _nullcontext()
+  ctx = jax.enable_x64(True) if q.ggml_type == T.Q8_K else contextlib.nullcontext()
   with ctx:
     for s in range(0, n_blocks, nbk):
       e = min(n_blocks, s + nbk)
@@ -319,11 +320,3 @@ def dequantize(data, qtype, shape) -> np.ndarray:
         chunk = np.pad(chunk, [(0, nbk - chunk.shape[0]), (0, 0)])
       out[s:e] = np.asarray(fn(chunk))[: e - s]
   return out.reshape(shape)
-
-
-class _nullcontext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *a):
-    return False
