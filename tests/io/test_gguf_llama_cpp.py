@@ -117,14 +117,12 @@ def test_q8_0_bytes_match_llama_quantize(mini, tmp_path, layout):
   _compare_bytes(mini, tmp_path, "Q8_0", layout, None)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 @pytest.mark.parametrize("recipe", ["Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K", "DQ3_K_M"])
 def test_kquant_bytes_match_llama_quantize(mini, mini_imatrix, tmp_path, recipe, with_imatrix):
   _compare_bytes(mini, tmp_path, recipe, "split", mini_imatrix if with_imatrix else None)
 
 
-@pytest.mark.slow
 def test_kv_b_layout_bytes_match_llama_quantize(mini, mini_imatrix, tmp_path):
   _compare_bytes(mini, tmp_path, "Q3_K_M", "kv_b", mini_imatrix)
 
@@ -164,7 +162,6 @@ def test_q8_0_logits_match_llama_cpp(mini, tmp_path):
   _logit_check(path, "Q8_0", TOKENS)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K", "DQ3_K_M"])
 def test_kquant_logits_match_llama_cpp(mini, mini_imatrix, tmp_path, recipe):
   cfg, params, _ = mini
