@@ -149,22 +149,25 @@ def make_qkx_quants(A: Arith, x, w, nmax: int, rmin: float, rdelta: float, nstep
   degenerate = (mx <= mn) if degenerate_le else (mx == mn)
   mn_start = mn
 
-  def err(scale, m, lf):
-    diff = A.sub(A.add(A.mul(scale[:, None, :], lf), m[:, None, :]), x)
-    e = jnp.abs(diff) if use_mad else A.mul(diff, diff)
-    return seqsum(A, A.mul(w, e), axis=1)
+  xs = [_at(x, i) for i in range(x.shape[1])]  # per-element [P, nb] slices: XLA fuses each
+  ws = [_at(w, i) for i in range(x.shape[1])]  # element's whole chain this way, far faster
+
+  def weighted_error(B, scale, m, ls):
+    """C: err += w * f((scale*L + min) - x), f = |.| (use_mad) or square, in element order."""
+    cur = B.zero()
+    for xi, wi, li in zip(xs, ws, ls, strict=True):
+      diff = B.sub(B.add(B.mul(scale, B.from_int(li)), m), xi)
+      cur = B.add(cur, B.mul(wi, jnp.abs(diff) if use_mad else B.mul(diff, diff)))
+    return cur
 
   iscale = A.div(A.c(nmax), A.sub(mx, mn))
   scale = A.div(A.c(1), iscale)
   codes = clamp(A.nearest_int(A.mul(iscale[:, None, :], A.sub(x, mn[:, None, :]))), 0, nmax)
-  best = err(scale, mn, A.from_int(codes))
+  best = weighted_error(A, scale, mn, [codes[:, i, :] for i in range(x.shape[1])])
 
   # C: (rmin + rdelta*is + nmax) with float32 roundings; precomputed exactly in numpy.
   steps = np.arange(nstep + 1, dtype=np.float32)
   factors = (np.float32(rmin) + np.float32(rdelta) * steps) + np.float32(nmax)
-
-  xs = [_at(x, i) for i in range(x.shape[1])]  # per-element [P, nb] slices: XLA fuses each
-  ws = [_at(w, i) for i in range(x.shape[1])]  # element's whole chain this way, far faster
 
   def trial(k, carry):
     codes, scale, mn, best, flag = carry
@@ -186,10 +189,7 @@ def make_qkx_quants(A: Arith, x, w, nmax: int, rmin: float, rdelta: float, nstep
     pos = t_min > 0
     t_min = jnp.where(pos, B.c(0), t_min)
     t_scale = jnp.where(pos, B.div(sum_xl, sum_l2), t_scale)
-    cur = B.zero()
-    for xi, wi, li in zip(xs, ws, ls, strict=True):
-      diff = B.sub(B.add(B.mul(t_scale, B.from_int(li)), t_min), xi)
-      cur = B.add(cur, B.mul(wi, jnp.abs(diff) if use_mad else B.mul(diff, diff)))
+    cur = weighted_error(B, t_scale, t_min, ls)
     take = (det > 0) & (cur < best)
     codes = jnp.where(take[:, None, :], jnp.stack(ls, axis=1), codes)
     return (codes, jnp.where(take, t_scale, scale), jnp.where(take, t_min, mn),
