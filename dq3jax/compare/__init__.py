@@ -1,0 +1,1 @@
+"""Comparing an output with a reference: logit statistics (llama-perplexity's), float and byte metrics."""
