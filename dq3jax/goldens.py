@@ -2,8 +2,12 @@
 
 `dq3jax goldens` regenerates `goldens/` from seeds (atomically: a failed run leaves the previous
 goldens intact); `dq3jax goldens --check` verifies every file against the manifest's sha256 and
-against a fresh regeneration, and names any file that differs. Only the kernel goldens exist so
-far (one safetensors file per type and mode); model goldens are future work.
+against a fresh regeneration, and names any file that differs. Two families: kernel goldens (one
+safetensors file per type and mode, below) and model goldens (dq3jax/golden_models.py).
+
+Kernel goldens and the model goldens' HF and GGUF files are bit-exact by construction and regenerate
+identically on any machine. Model outputs are float32 XLA results: identical on the same CPU model, but a
+different CPU may change the last bits (XLA picks vector widths per CPU), so the manifest records the CPU.
 """
 
 from __future__ import annotations
@@ -82,6 +86,16 @@ def _serialize(tensors: dict[str, np.ndarray]) -> bytes:
   return save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
 
 
+def cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
 def _environment() -> dict:
   import gguf  # noqa: PLC0415
   import jax  # noqa: PLC0415
@@ -94,7 +108,8 @@ def _environment() -> dict:
       "generator_version": dq3jax.__version__,
       "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
                    "gguf": getattr(gguf, "__version__", "unknown")},
-      "platform": {"machine": platform.machine(), "system": platform.system(), "backend": jax.default_backend()},
+      "platform": {"machine": platform.machine(), "system": platform.system(), "backend": jax.default_backend(),
+                   "cpu": cpu_model()},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
@@ -102,6 +117,8 @@ def _environment() -> dict:
 def build(progress: bool = True) -> tuple[dict[str, bytes], dict]:
   """All golden files (relative path -> bytes) and the manifest."""
   from tqdm import tqdm  # noqa: PLC0415
+
+  from dq3jax import golden_models  # noqa: PLC0415
 
   files: dict[str, bytes] = {}
   entries = {}
@@ -113,6 +130,12 @@ def build(progress: bool = True) -> tuple[dict[str, bytes], dict]:
     entry["sha256"] = hashlib.sha256(blob).hexdigest()
     entry["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()}
     entries[rel] = entry
+  steps = len(golden_models.MODELS) * len(golden_models.RECIPES)
+  with tqdm(total=steps, desc="model goldens", disable=not progress) as bar:
+    for model in golden_models.MODELS:
+      for rel, blob, entry in golden_models.model_goldens(model, progress=lambda _: bar.update()):
+        files[rel] = blob
+        entries[rel] = entry | {"sha256": hashlib.sha256(blob).hexdigest()}
   manifest = _environment() | {"files": entries}
   return files, manifest
 
@@ -174,7 +197,13 @@ def check(root: pathlib.Path, regenerate: bool = True, progress: bool = True) ->
       if rel not in manifest["files"]:
         problems.append(f"{root / rel}: produced by the generator but not in the manifest")
       elif hashlib.sha256(blob).hexdigest() != manifest["files"][rel]["sha256"]:
-        problems.append(f"{root / rel}: differs from a fresh regeneration")
+        note = ""
+        if manifest["files"][rel].get("kind") == "model-outputs" and manifest.get("platform", {}).get(
+          "cpu"
+        ) != fresh["platform"]["cpu"]:
+          note = (f" (float32 model outputs; generated on {manifest['platform'].get('cpu')!r}, "
+                  f"regenerated on {fresh['platform']['cpu']!r})")
+        problems.append(f"{root / rel}: differs from a fresh regeneration{note}")
     for rel in manifest["files"]:
       if rel not in files:
         problems.append(f"{root / rel}: in the manifest but no longer generated")

@@ -105,17 +105,16 @@ def read_tensor(path: str, name: str, info: TensorInfo, log: ReadLog | None = No
   return data.view(info.dtype).reshape(info.shape)
 
 
-def write_file(
-  path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
-) -> None:
-  """Write tensors (numpy, dtypes in DTYPES) as a safetensors file, in the given order."""
-  header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+def to_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+  """A safetensors file's bytes: tensors in the given order, metadata keys sorted. Deterministic, unlike the
+  `safetensors` package, whose metadata order follows a per-process hash seed."""
+  header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
   offset = 0
   arrays = []
   for name, array in tensors.items():
     array = np.ascontiguousarray(array)
     if array.dtype not in NAMES:
-      raise ValueError(f"write_file: tensor {name!r} has unsupported dtype {array.dtype}")
+      raise ValueError(f"safetensors: tensor {name!r} has unsupported dtype {array.dtype}")
     header[name] = {
       "dtype": NAMES[array.dtype],
       "shape": list(array.shape),
@@ -125,8 +124,12 @@ def write_file(
     arrays.append(array)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes with spaces
+  return b"".join([struct.pack("<Q", len(blob)), blob, *(a.tobytes() for a in arrays)])
+
+
+def write_file(
+  path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+  """Write tensors (numpy, dtypes in DTYPES) as a safetensors file, in the given order."""
   with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for array in arrays:
-      f.write(array.tobytes())
+    f.write(to_bytes(tensors, metadata))

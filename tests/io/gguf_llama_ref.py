@@ -10,6 +10,7 @@ import numpy as np
 
 from dq3jax.model.config import RopeConfig, RopeKind
 from dq3jax.model.random_init import tiny_config
+from reference.llama_cpp_run import llama_logits  # noqa: F401  (re-exported for the GGUF tests)
 
 FTYPE = {
   "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16,
@@ -88,28 +89,6 @@ def llama_quantize(
     keep.append(tt)
   rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
   assert rc == 0, f"llama_model_quantize failed ({rc})"
-
-
-def llama_logits(path, tokens) -> np.ndarray:
-  """llama.cpp's logits [T, V] for every position (logits_all), F32 KV cache, one thread, CPU."""
-  from llama_cpp import Llama
-
-  llm = Llama(
-    str(path),
-    logits_all=True,
-    n_ctx=max(32, len(tokens)),
-    n_batch=len(tokens),
-    n_threads=1,
-    verbose=False,
-    type_k=0,
-    type_v=0,
-    seed=0,
-  )
-  try:
-    llm.eval([int(t) for t in tokens])
-    return np.array(llm.scores[: len(tokens)], np.float32)
-  finally:
-    llm.close()
 
 
 def logit_stats(ref: np.ndarray, other: np.ndarray) -> dict[str, float]:
