@@ -10,7 +10,7 @@ import platform
 
 import jax
 
-from benchmarks import bench_model, bench_quant
+from benchmarks import bench_ablate, bench_model, bench_quant
 
 
 def main() -> int:
@@ -26,10 +26,12 @@ def main() -> int:
   quant = bench_quant.run(rows=args.rows, types=args.types.split(",") if args.types else None)
   model = bench_model.run()
   print(json.dumps(model, indent=1))
+  ablate = bench_ablate.run()
+  print(json.dumps(ablate, indent=1))
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_suffix(".tmp")
-  tmp.write_text(json.dumps({"env": env, "kernels": quant, "model": model}, indent=1))
+  tmp.write_text(json.dumps({"env": env, "kernels": quant, "model": model, "ablate": ablate}, indent=1))
   os.replace(tmp, out)
   print(f"wrote {out}")
   return 0

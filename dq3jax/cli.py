@@ -9,6 +9,8 @@ import sys
 def _build_parser() -> argparse.ArgumentParser:
   # Subcommand modules are imported here, not at package import, so `import dq3jax` stays light.
   from dq3jax import goldens  # noqa: PLC0415
+  from dq3jax.ablate import cli as ablate_cli  # noqa: PLC0415
+  from dq3jax.compare import diff  # noqa: PLC0415
   from dq3jax.convert import cli as quantize_cli  # noqa: PLC0415
   from dq3jax.model import cli_logits  # noqa: PLC0415
   from dq3jax.recipes import plan  # noqa: PLC0415
@@ -18,7 +20,7 @@ def _build_parser() -> argparse.ArgumentParser:
       description="Reference implementation and test oracle for quantized DeepSeek-V3/R1.",
   )
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for module in (cli_logits, plan, quantize_cli, goldens):
+  for module in (cli_logits, plan, quantize_cli, goldens, ablate_cli, diff):
     module.add_parser(sub)
   return parser
 

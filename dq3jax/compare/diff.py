@@ -1,0 +1,769 @@
+"""`dq3jax diff GOLDEN CANDIDATE`: judge an engine's output against a golden file, tensor by tensor.
+
+GOLDEN is a kernel golden, a model-outputs golden or a golden GGUF (see docs/diff.md for the layouts); its kind
+comes from the manifest it is listed in (whose sha256 it must match), else from its content. CANDIDATE is what
+another engine produced (.npz, .safetensors, .npy, a raw float32 dump, or a GGUF for a golden GGUF). Tensors
+are matched by name and each is judged by the metric of its kind against `Thresholds` (a named profile,
+optionally overridden per bound). The verdict is a Markdown table, optionally a JSON report, and the exit
+status: 0 within bounds, 1 out of bounds, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from dq3jax.compare import dumps, logit_stats, metrics
+from dq3jax.compare.dumps import BadInput, Expect, Golden, GoldenKind, open_candidate, open_golden
+
+# ------------------------------------------------------------------------------------------ thresholds
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Thresholds:
+  """The bounds a candidate must stay within; the defaults are for an engine computing in float32.
+
+  The table with the reasoning behind each value is docs/diff.md; `--threshold NAME=VALUE` overrides one.
+  """
+
+  # Quantized bytes (a kernel golden's `quantized`, every tensor of a golden GGUF): ggml blocks that may differ.
+  bytes_max_diff_blocks: int = 0
+  # A kernel golden's `dequantized`: ggml's to_float is exact arithmetic on a block, so 0 ULP.
+  kernel_max_ulp: int = 0
+  # attn_latent, hidden_after_attn, hidden_after_mlp and other float intermediates: test-backend-ops' NMSE.
+  intermediate_nmse: float = 1e-6
+  # topk_ids: fraction of positions whose selected expert set differs.
+  router_max_set_mismatch: float = 0.0
+  # topk_weights: NMSE over the positions whose expert sets agree (weights lined up by expert id).
+  router_weights_nmse: float = 1e-6
+  # logits, decode_logits, logits_q8act: llama-perplexity's Mean KLD (upper) and Same top p (lower, fraction).
+  logits_mean_kld: float = 1e-4
+  logits_min_same_top_p: float = 0.99
+
+
+_HIGHER_IS_STRICTER = frozenset({"logits_min_same_top_p"})
+_INTEGER_BOUNDS = frozenset({"bytes_max_diff_blocks", "kernel_max_ulp"})
+
+PROFILES: dict[str, Thresholds] = {
+  # An engine that computes in float32 without quantizing activations (differences: summation order,
+  # transcendental implementations, fused kernels).
+  "float32": Thresholds(),
+  # A llama.cpp-CPU-style engine: activations quantized to Q8_0/Q8_K before each quantized matmul, F16 KV
+  # cache. Calibrated on dq3jax's emulation of that path against the model goldens (docs/diff.md), where
+  # near-tied routers and logits of tiny random models turn the small Q8 noise into expert and argmax flips;
+  # provisional until measured on llama.cpp itself. Kernels and file bytes stay exact.
+  "llama-cpu": Thresholds(
+    intermediate_nmse=0.1,
+    router_max_set_mismatch=0.25,
+    router_weights_nmse=2e-3,
+    logits_mean_kld=0.05,
+    logits_min_same_top_p=0.8,
+  ),
+}
+DEFAULT_PROFILE = "float32"
+
+
+def threshold_names() -> list[str]:
+  return [f.name for f in dataclasses.fields(Thresholds)]
+
+
+def apply_overrides(base: Thresholds, items: Sequence[str]) -> tuple[Thresholds, dict[str, dict]]:
+  """base with `NAME=VALUE` overrides applied, and a record of each (value, profile value, looser/stricter)."""
+  names = threshold_names()
+  changes: dict[str, float] = {}
+  for item in items:
+    name, sep, text = item.partition("=")
+    name = name.strip()
+    if not sep:
+      raise BadInput(f"--threshold {item!r}: expected NAME=VALUE")
+    if name not in names:
+      raise BadInput(f"--threshold {item!r}: unknown threshold {name!r}; known: {', '.join(names)}")
+    try:
+      value = int(text) if name in _INTEGER_BOUNDS else float(text)
+    except ValueError:
+      kind = "an integer" if name in _INTEGER_BOUNDS else "a number"
+      raise BadInput(f"--threshold {item!r}: {text!r} is not {kind}") from None
+    if not math.isfinite(value) or value < 0 or (name in _HIGHER_IS_STRICTER and value > 1):
+      raise BadInput(f"--threshold {item!r}: out of range (finite, >= 0, and <= 1 for a fraction)")
+    changes[name] = value
+  record = {}
+  for name, value in changes.items():
+    was = getattr(base, name)
+    looser = value < was if name in _HIGHER_IS_STRICTER else value > was
+    tighter = value > was if name in _HIGHER_IS_STRICTER else value < was
+    record[name] = {"value": value, "profile_value": was,
+                    "change": "looser" if looser else "stricter" if tighter else "unchanged"}
+  return dataclasses.replace(base, **changes), record
+
+
+# ------------------------------------------------------------------------------------------ golden kinds
+
+
+class TensorKind(enum.StrEnum):
+  BYTES = "bytes"  # ggml block data, bit-exact
+  KERNEL_FLOATS = "kernel floats"  # exact float32 (ULP)
+  INPUT = "input"  # must be identical: the candidate's copy of an input of the golden
+  FLOATS = "intermediate"  # NMSE
+  LOGITS = "logits"  # llama-perplexity statistics
+  ROUTER_IDS = "router ids"  # expert sets
+  ROUTER_WEIGHTS = "router weights"  # NMSE, lined up by expert id
+  INTS = "integers"  # any other integer tensor: exact
+  GGUF_TENSOR = "gguf tensor"  # ggml type, shape and bytes
+
+
+class Status(enum.StrEnum):
+  PASS = "PASS"
+  FAIL = "FAIL"
+  INFO = "INFO"  # reported, not judged
+
+
+LOGIT_TENSORS = ("logits", "decode_logits", "logits_q8act")
+# The order in which a layer's values are produced: the first-divergence walk follows it.
+LAYER_STAGES = ("attn_latent", "hidden_after_attn", "topk_ids", "hidden_after_mlp")
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def tensor_kind(kind: GoldenKind, name: str, g: np.ndarray) -> TensorKind:
+  is_float = g.dtype.kind == "f"
+  if kind is GoldenKind.KERNEL:
+    if name in ("x", "imatrix"):
+      return TensorKind.INPUT
+    if name == "quantized" or g.dtype == np.uint8:
+      return TensorKind.BYTES
+    return TensorKind.KERNEL_FLOATS if is_float else TensorKind.INTS
+  if name == "tokens":
+    return TensorKind.INPUT
+  if name in LOGIT_TENSORS:
+    return TensorKind.LOGITS
+  m = _BLK.match(name)
+  if m and m.group(2) == "topk_ids":
+    return TensorKind.ROUTER_IDS
+  if m and m.group(2) == "topk_weights":
+    return TensorKind.ROUTER_WEIGHTS
+  return TensorKind.FLOATS if is_float else TensorKind.INTS
+
+
+_EXPECT = {
+  TensorKind.BYTES: Expect.BYTES,
+  TensorKind.KERNEL_FLOATS: Expect.FLOAT32,
+  TensorKind.FLOATS: Expect.FLOAT,
+  TensorKind.LOGITS: Expect.FLOAT,
+  TensorKind.ROUTER_WEIGHTS: Expect.FLOAT,
+  TensorKind.ROUTER_IDS: Expect.INT,
+  TensorKind.INTS: Expect.INT,
+}
+
+
+def _expect_for(golden: Golden) -> Callable[[str], Expect]:
+  def expect(name: str) -> Expect:
+    g = golden.dump.tensors[name]
+    k = tensor_kind(golden.kind, name, g)
+    if k is TensorKind.INPUT:
+      return Expect.FLOAT32 if g.dtype.kind == "f" else Expect.INT
+    return _EXPECT[k]
+
+  return expect
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  kind: TensorKind
+  status: Status
+  summary: str  # the metric values, one line
+  bound: str  # the bound applied, human readable
+  metrics: Mapping
+  note: str = ""  # how the candidate tensor was read (batch axis dropped, dtype converted)
+
+
+def _g(x) -> str:
+  if x is None:
+    return "-"
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  return f"{x:.3g}"
+
+
+def _within(value: float, bound: float) -> bool:
+  return bool(value <= bound)  # NaN is never within a bound
+
+
+def _deltas_text(first: metrics.BlockDiff) -> str:
+  parts = []
+  for d in first.deltas[:3]:
+    bits = ",".join(str(b) for b in d.bits)
+    parts.append(f"byte +{d.offset_in_block}: {d.golden:#04x} vs {d.candidate:#04x} (xor {d.xor:#04x}, bit {bits})")
+  more = f"; {first.n_bytes_differ} bytes, {first.n_bits_differ} bits differ in this block"
+  return ", ".join(parts) + more
+
+
+def _byte_metrics(d: metrics.ByteDiff) -> dict:
+  out: dict = {"blocks": d.n_blocks, "blocks_differ": d.n_blocks_differ, "bytes_differ": d.n_bytes_differ,
+               "first": None}
+  if d.first is not None:
+    f = d.first
+    out["first"] = {
+      "row": f.row, "block": f.block, "byte_offset": f.byte_offset, "bytes_differ": f.n_bytes_differ,
+      "bits_differ": f.n_bits_differ,
+      "bytes": [{"offset_in_block": x.offset_in_block, "golden": x.golden, "candidate": x.candidate,
+                 "xor": x.xor, "bits": list(x.bits)} for x in f.deltas],
+    }
+  return out
+
+
+def bytes_row(name: str, g: np.ndarray, c: np.ndarray, block_bytes: int, thr: Thresholds,
+              kind: TensorKind = TensorKind.BYTES, where: str = "") -> Row:
+  d = metrics.byte_diff(g, c, block_bytes)
+  if d.first is None:
+    summary = f"identical ({d.n_blocks} blocks)"
+  else:
+    f = d.first
+    summary = (f"{d.n_blocks_differ} of {d.n_blocks} blocks differ; first: row {f.row}, block {f.block}, byte "
+               f"offset {f.byte_offset}{where}: {_deltas_text(f)}")
+  return Row(name, kind, Status.PASS if d.n_blocks_differ <= thr.bytes_max_diff_blocks else Status.FAIL,
+             summary, f"<= {thr.bytes_max_diff_blocks} blocks differ", _byte_metrics(d))
+
+
+def _float_metrics(fe: metrics.FloatErrors) -> dict:
+  return dataclasses.asdict(fe)
+
+
+def kernel_float_row(name: str, g: np.ndarray, c: np.ndarray, thr: Thresholds) -> Row:
+  fe = metrics.float_errors(g, c)
+  at = f" at {list(fe.max_ulp_index)}" if fe.max_ulp_index else ""
+  summary = f"max ULP {_g(fe.max_ulp)}{at}, max abs {_g(fe.max_abs)}, max rel {_g(fe.max_rel)}, NMSE {_g(fe.nmse)}"
+  if fe.bits_differ and fe.max_ulp == 0:
+    summary += f"; {fe.bits_differ} elements differ only in the sign of zero or a NaN payload"
+  if fe.nan_mismatch:
+    summary += f"; {fe.nan_mismatch} NaN in one only"
+  ok = _within(fe.max_ulp, thr.kernel_max_ulp)
+  return Row(name, TensorKind.KERNEL_FLOATS, Status.PASS if ok else Status.FAIL, summary,
+             f"max ULP <= {thr.kernel_max_ulp}", _float_metrics(fe))
+
+
+def input_row(name: str, g: np.ndarray, c: np.ndarray, cand_path: str) -> Row:
+  """The candidate's copy of an input: anything but identical means it computed from other inputs."""
+  if g.dtype.kind == "f":
+    differs = np.asarray(g, np.float32).view(np.uint32) != np.asarray(c, np.float32).view(np.uint32)
+  else:
+    differs = np.asarray(g, np.int64) != np.asarray(c, np.int64)
+  if differs.any():
+    at = [int(i) for i in np.argwhere(differs)[0]]
+    raise BadInput(
+      f"{cand_path}: tensor {name!r} differs from the golden's input at {at} ({c[tuple(at)]} vs "
+      f"{g[tuple(at)]}): the candidate was computed from different inputs"
+    )
+  return Row(name, TensorKind.INPUT, Status.PASS, "identical to the golden's input", "identical", {})
+
+
+def floats_row(name: str, g: np.ndarray, c: np.ndarray, bound: float, kind: TensorKind = TensorKind.FLOATS,
+               extra: str = "", extra_metrics: Mapping | None = None) -> Row:
+  fe = metrics.float_errors(g, c)
+  m = _float_metrics(fe) | dict(extra_metrics or {})
+  summary = f"NMSE {_g(fe.nmse)}, max abs {_g(fe.max_abs)}, max rel {_g(fe.max_rel)}, max ULP {_g(fe.max_ulp)}"
+  if g.ndim == 2 and g.shape[0] > 1:
+    per = metrics.nmse_rows(g, c)
+    worst = int(np.argmax(np.where(np.isnan(per), np.inf, per)))  # NaN ranks worst
+    m["worst_token"], m["worst_token_nmse"] = worst, float(per[worst])
+    if per[worst] != 0:
+      summary += f"; worst token {worst} (NMSE {_g(float(per[worst]))})"
+  return Row(name, kind, Status.PASS if _within(fe.nmse, bound) else Status.FAIL, summary + extra,
+             f"NMSE <= {_g(bound)}", m)
+
+
+def _llama_labels(s: logit_stats.LogitStats, with_dp: bool) -> dict:
+  """The statistics under the labels llama-perplexity prints (percentages where it prints percent)."""
+  def label(k: str, what: str) -> str:
+    return {"max": f"Maximum {what}", "median": f"Median {what}", "min": f"Minimum {what}"}.get(k, f"{k}% {what}")
+
+  out = {"Mean KLD": s.kld_mean, "Mean KLD unc": s.kld_unc}
+  out |= {label(k, "KLD"): v for k, v in s.kld.items()}
+  out |= {"Same top p": 100 * s.same_top_p, "Same top p unc": 100 * s.same_top_p_unc}
+  if with_dp and s.dp is not None:
+    out |= {"Mean Δp": 100 * s.dp_mean, "Mean Δp unc": 100 * s.dp_unc}
+    out |= {label(k, "Δp"): 100 * v for k, v in s.dp.items()}
+    out |= {"RMS Δp": 100 * s.dp_rms, "RMS Δp unc": 100 * s.dp_rms_unc,
+            "Mean PPL(Q)": s.ppl_q, "Mean PPL(base)": s.ppl_base,
+            "Mean ln(PPL(Q)/PPL(base))": s.ln_ppl_ratio, "Mean ln(PPL(Q)/PPL(base)) unc": s.ln_ppl_ratio_unc}
+  return out
+
+
+def logits_row(name: str, g: np.ndarray, c: np.ndarray, next_tokens: np.ndarray | None, thr: Thresholds,
+               status_if_judged: bool = True, label: str | None = None) -> Row:
+  """llama-perplexity's statistics of candidate logits c against golden g [N, V].
+
+  KLD and Same top p use all N positions; Δp and perplexity need the next token, so they use the first N-1
+  positions (next_tokens[i] follows position i) when next_tokens is given.
+  """
+  bound = f"Mean KLD <= {_g(thr.logits_mean_kld)}, Same top p >= {100 * thr.logits_min_same_top_p:g} %"
+  bad = ~np.isfinite(c)
+  if bad.any():
+    pos, tok = (int(i) for i in np.argwhere(bad)[0])
+    return Row(label or name, TensorKind.LOGITS, Status.FAIL,
+               f"non-finite logit {c[pos, tok]} at position {pos}, token {tok} ({int(bad.sum())} in all)", bound,
+               {"non_finite": int(bad.sum())})
+  s = logit_stats.logit_stats(g, c)
+  m = {"positions": s.n} | _llama_labels(s, with_dp=False)
+  if next_tokens is not None and g.shape[0] > 1:
+    sd = logit_stats.logit_stats(g[:-1], c[:-1], next_tokens)
+    m |= {"Δp positions": sd.n} | {k: v for k, v in _llama_labels(sd, with_dp=True).items() if k not in m}
+  m |= {"NMSE": metrics.nmse(g, c), "max abs err": s.max_abs, "logit_stats": s.to_dict()}
+  summary = (f"Mean KLD {_g(s.kld_mean)} ± {_g(s.kld_unc)}, Maximum KLD {_g(s.kld['max'])}, "
+             f"Same top p {100 * s.same_top_p:.3f} ± {100 * s.same_top_p_unc:.3f} %")
+  if "RMS Δp" in m:
+    summary += f", Mean Δp {m['Mean Δp']:.3f} %, RMS Δp {m['RMS Δp']:.3f} %"
+  summary += f", NMSE {_g(m['NMSE'])}, max abs {_g(s.max_abs)} ({s.n} positions)"
+  ok = _within(s.kld_mean, thr.logits_mean_kld) and s.same_top_p >= thr.logits_min_same_top_p
+  status = (Status.PASS if ok else Status.FAIL) if status_if_judged else Status.INFO
+  return Row(label or name, TensorKind.LOGITS, status, summary, bound if status_if_judged else "not judged", m)
+
+
+def router_ids_row(name: str, g: np.ndarray, c: np.ndarray, thr: Thresholds) -> Row:
+  differs = metrics.topk_set_differs(g, c)
+  n, k = int(differs.size), int(np.count_nonzero(differs))
+  frac = k / n if n else 0.0
+  summary = f"expert set differs at {k} of {n} positions ({100 * frac:.2f} %)"
+  m: dict = {"positions": n, "positions_differ": k, "fraction_differ": frac}
+  if k:
+    t = int(np.argmax(differs))
+    m["first"] = {"token": t, "golden": g[t].tolist(), "candidate": c[t].tolist()}
+    summary += f"; first at token {t}: golden {sorted(g[t].tolist())}, candidate {sorted(c[t].tolist())}"
+  return Row(name, TensorKind.ROUTER_IDS, Status.PASS if frac <= thr.router_max_set_mismatch else Status.FAIL,
+             summary, f"fraction differing <= {_g(thr.router_max_set_mismatch)}", m)
+
+
+def router_weights_row(name: str, g: np.ndarray, c: np.ndarray, g_ids: np.ndarray | None,
+                       c_ids: np.ndarray | None, thr: Thresholds) -> Row:
+  if g_ids is None or c_ids is None:
+    # Without the candidate's ids the weights can only be compared in the golden's order.
+    return floats_row(name, g, c, thr.router_weights_nmse, TensorKind.ROUTER_WEIGHTS,
+                      extra=" (in the golden's order: the candidate supplied no topk_ids)")
+  same = ~metrics.topk_set_differs(g_ids, c_ids)
+  if not same.any():
+    return Row(name, TensorKind.ROUTER_WEIGHTS, Status.FAIL, "no position selects the same expert set",
+               f"NMSE <= {_g(thr.router_weights_nmse)}", {"positions_compared": 0})
+  gw = metrics.weights_by_expert(g_ids, g)[same]
+  cw = metrics.weights_by_expert(c_ids, c)[same]
+  return floats_row(name, gw, cw, thr.router_weights_nmse, TensorKind.ROUTER_WEIGHTS,
+                    extra=f" (over the {int(same.sum())} of {same.size} positions with the same expert set, "
+                    "by expert id)", extra_metrics={"positions_compared": int(same.sum())})
+
+
+def ints_row(name: str, g: np.ndarray, c: np.ndarray) -> Row:
+  differs = np.asarray(g, np.int64) != np.asarray(c, np.int64)
+  if not differs.any():
+    return Row(name, TensorKind.INTS, Status.PASS, "identical", "identical", {"differ": 0})
+  at = [int(i) for i in np.argwhere(differs)[0]]
+  return Row(name, TensorKind.INTS, Status.FAIL,
+             f"{int(differs.sum())} values differ; first at {at}: {c[tuple(at)]} vs golden {g[tuple(at)]}",
+             "identical", {"differ": int(differs.sum()), "first": at})
+
+
+# --------------------------------------------------------------------------------------- comparisons
+
+
+_TOP_ORDER = ("tokens", "x", "imatrix", "quantized", "dequantized", *LOGIT_TENSORS)
+_STAGE_ORDER = ("attn_latent", "hidden_after_attn", "topk_ids", "topk_weights", "hidden_after_mlp")
+
+
+def _row_order(name: str) -> tuple:
+  """Rows in the order values are computed: inputs, logits, then layer by layer and stage by stage."""
+  if name in _TOP_ORDER:
+    return (0, _TOP_ORDER.index(name), 0, name)
+  m = _BLK.match(name)
+  if m:
+    stage = m.group(2)
+    return (1, int(m.group(1)), _STAGE_ORDER.index(stage) if stage in _STAGE_ORDER else len(_STAGE_ORDER), name)
+  return (2, 0, 0, name)
+
+
+def _layers(names) -> list[int]:
+  return sorted({int(m.group(1)) for n in names if (m := _BLK.match(n))})
+
+
+def _next_tokens(golden: Golden) -> tuple[np.ndarray | None, int | None]:
+  tokens = golden.dump.tensors.get("tokens")
+  prefill = golden.info.get("prefill")
+  if tokens is None:
+    return None, None
+  tokens = np.asarray(tokens, np.int64).reshape(-1)
+  dec = golden.dump.tensors.get("decode_logits")
+  if prefill is None and dec is not None:
+    prefill = tokens.size - dec.shape[0]
+  return tokens, (int(prefill) if prefill is not None else None)
+
+
+def compare_model_outputs(golden: Golden, m: dumps.Matched, thr: Thresholds, profile: str,
+                          cand_path: str) -> tuple[list[Row], list[str]]:
+  gt = golden.dump.tensors
+  tokens, prefill = _next_tokens(golden)
+  notes: list[str] = []
+  rows = []
+  for name in sorted(gt, key=_row_order):
+    if name not in m.tensors:
+      continue
+    g, c = np.asarray(gt[name]), m.tensors[name]
+    k = tensor_kind(golden.kind, name, g)
+    if k is TensorKind.INPUT:
+      row = input_row(name, g, c, cand_path)
+    elif k is TensorKind.LOGITS:
+      if g.ndim != 2:
+        raise BadInput(f"{golden.dump.path}: {name!r} is {list(g.shape)}, expected [positions, vocab]")
+      if not np.isfinite(g).all():
+        raise BadInput(f"{golden.dump.path}: golden {name!r} has non-finite values")
+      nxt = None
+      if tokens is not None and name in ("logits", "logits_q8act") and tokens.size == g.shape[0]:
+        nxt = tokens[1:]
+      elif tokens is not None and name == "decode_logits" and prefill is not None \
+          and prefill + g.shape[0] == tokens.size:
+        nxt = tokens[prefill + 1 :]
+      elif tokens is not None:
+        notes.append(f"{name}: positions do not line up with tokens; Δp not computed")
+      row = logits_row(name, g, c, nxt, thr)
+    elif k is TensorKind.ROUTER_IDS:
+      row = router_ids_row(name, g, c, thr)
+    elif k is TensorKind.ROUTER_WEIGHTS:
+      ids = name.removesuffix("topk_weights") + "topk_ids"
+      row = router_weights_row(name, g, c, gt.get(ids), m.tensors.get(ids), thr)
+    elif k is TensorKind.FLOATS:
+      row = floats_row(name, g, c, thr.intermediate_nmse)
+    else:
+      row = ints_row(name, g, c)
+    rows.append(dataclasses.replace(row, note=m.notes.get(name, "")))
+  # A Q8-activation engine's logits against the golden's emulation of that path: informative only, since
+  # the emulation is not bit-exact to any one engine.
+  if profile == "llama-cpu" and "logits" in m.tensors and "logits_q8act" in gt and "logits_q8act" not in m.tensors:
+    g = np.asarray(gt["logits_q8act"])
+    nxt = tokens[1:] if tokens is not None and tokens.size == g.shape[0] else None
+    rows.append(logits_row("logits", g, m.tensors["logits"], nxt, thr, status_if_judged=False,
+                           label="logits vs golden logits_q8act"))
+  return rows, notes
+
+
+def first_divergence(golden: Golden, m: dumps.Matched, thr: Thresholds) -> dict | None:
+  """The first (layer, tensor, token) whose per-token metric leaves its bound, in the order values are computed.
+
+  Layers 0..L-1, within a layer attn_latent, hidden_after_attn, topk_ids, hidden_after_mlp; per token the
+  NMSE of that token's row (expert set differs, for topk_ids); after the last layer, the logits' per-token KLD.
+  Only tensors the candidate supplied are walked.
+  """
+  gt = golden.dump.tensors
+  for layer in _layers(gt):
+    for stage in LAYER_STAGES:
+      name = f"blk.{layer}.{stage}"
+      if name not in gt or name not in m.tensors:
+        continue
+      g, c = np.asarray(gt[name]), m.tensors[name]
+      if stage == "topk_ids":
+        per = metrics.topk_set_differs(g, c).astype(np.float64)
+        bound, metric = thr.router_max_set_mismatch, "expert set differs"
+      else:
+        per = metrics.nmse_rows(g.reshape(g.shape[0], -1), c.reshape(c.shape[0], -1))
+        bound, metric = thr.intermediate_nmse, "per-token NMSE"
+      out = np.flatnonzero(~(per <= bound))
+      if out.size:
+        t = int(out[0])
+        return {"layer": layer, "tensor": name, "token": t, "metric": metric, "value": float(per[t]),
+                "bound": bound}
+  if "logits" in m.tensors:
+    g, c = np.asarray(gt["logits"]), m.tensors["logits"]
+    if np.isfinite(c).all():
+      per = logit_stats.per_position_kld(g, c)
+    else:
+      per = np.where(np.isfinite(c).all(-1), 0.0, np.inf)
+    out = np.flatnonzero(~(per <= thr.logits_mean_kld))
+    if out.size:
+      t = int(out[0])
+      return {"layer": None, "tensor": "logits", "token": t, "metric": "per-token KLD", "value": float(per[t]),
+              "bound": thr.logits_mean_kld}
+  return None
+
+
+def compare_kernel(golden: Golden, m: dumps.Matched, thr: Thresholds, cand_path: str) -> list[Row]:
+  rows = []
+  for name in sorted(golden.dump.tensors, key=_row_order):
+    if name not in m.tensors:
+      continue
+    g, c = np.asarray(golden.dump.tensors[name]), m.tensors[name]
+    k = tensor_kind(golden.kind, name, g)
+    if k is TensorKind.INPUT:
+      row = input_row(name, g, c, cand_path)
+    elif k is TensorKind.BYTES:
+      row = bytes_row(name, g, c, golden.info["block_bytes"], thr)
+    elif k is TensorKind.KERNEL_FLOATS:
+      row = kernel_float_row(name, g, c, thr)
+    else:
+      row = ints_row(name, g, c)
+    rows.append(dataclasses.replace(row, note=m.notes.get(name, "")))
+  return rows
+
+
+def _block_bytes(type_id: int) -> tuple[int, int]:
+  import gguf  # noqa: PLC0415
+
+  from dq3jax.qtypes import REGISTRY  # noqa: PLC0415
+
+  q = REGISTRY.get(type_id)
+  if q is not None:
+    return q.block_elems, q.block_bytes
+  return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+
+
+def _short(v) -> object:
+  text = repr(v)
+  return v if len(text) <= 80 else text[:77] + "..."
+
+
+def compare_gguf(g, c, thr: Thresholds) -> tuple[list[Row], list[dict]]:
+  """Every tensor of golden GGUF g against candidate GGUF c: ggml type, shape, then the bytes.
+
+  A tensor missing from either file, or of another type or shape, is out of bounds (the files differ).
+  Metadata differences are listed, not judged.
+  """
+  rows = []
+  for name, te in g.tensors.items():
+    ce = c.tensors.get(name)
+    desc = f"{te.type_name} {list(te.ne)}"
+    if ce is None:
+      rows.append(Row(name, TensorKind.GGUF_TENSOR, Status.FAIL, f"missing from the candidate (golden: {desc})",
+                      "same type, shape, bytes", {"golden": desc}))
+      continue
+    if ce.type_id != te.type_id or ce.ne != te.ne:
+      rows.append(Row(name, TensorKind.GGUF_TENSOR, Status.FAIL,
+                      f"golden {desc}, candidate {ce.type_name} {list(ce.ne)}", "same type, shape, bytes",
+                      {"golden": desc, "candidate": f"{ce.type_name} {list(ce.ne)}"}))
+      continue
+    elems, nbytes = _block_bytes(te.type_id)
+    row_bytes = te.ne[0] // elems * nbytes
+    ga = g.raw(name).reshape(-1, row_bytes)
+    ca = c.raw(name).reshape(-1, row_bytes)
+    d = metrics.byte_diff(ga, ca, nbytes)
+    where = ""
+    if d.first is not None:
+      where = f" (file offsets {te.offset + d.first.byte_offset} / {ce.offset + d.first.byte_offset})"
+    row = bytes_row(name, ga, ca, nbytes, thr, TensorKind.GGUF_TENSOR, where)
+    rows.append(dataclasses.replace(row, summary=f"{desc}: {row.summary}", bound=row.bound + ", same type and shape"))
+  for name, ce in c.tensors.items():
+    if name not in g.tensors:
+      rows.append(Row(name, TensorKind.GGUF_TENSOR, Status.FAIL,
+                      f"not in the golden (candidate: {ce.type_name} {list(ce.ne)})", "same tensors", {}))
+  meta = []
+  for key in list(g.kv) + [k for k in c.kv if k not in g.kv]:
+    gv, cv = g.kv.get(key, "<missing>"), c.kv.get(key, "<missing>")
+    if gv != cv:
+      meta.append({"key": key, "golden": _short(gv), "candidate": _short(cv)})
+  return rows, meta
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  golden: str
+  golden_kind: str
+  golden_info: Mapping
+  manifest: Mapping | None
+  candidate: str
+  candidate_format: str
+  profile: str
+  thresholds: Thresholds
+  overrides: Mapping
+  rows: tuple[Row, ...]
+  unknown: tuple[str, ...] = ()  # candidate tensors the golden does not have (not compared)
+  not_supplied: tuple[str, ...] = ()  # golden tensors the candidate did not supply (not compared)
+  notes: tuple[str, ...] = ()
+  first_divergence: Mapping | None = None
+  metadata_differences: tuple[Mapping, ...] = ()
+
+  @property
+  def failed(self) -> list[Row]:
+    return [r for r in self.rows if r.status is Status.FAIL]
+
+  @property
+  def exit_code(self) -> int:
+    return 1 if self.failed else 0
+
+  def to_json(self) -> dict:
+    return _jsonable({
+      "result": "FAIL" if self.failed else "PASS",
+      "exit_code": self.exit_code,
+      "golden": {"path": self.golden, "kind": self.golden_kind, **self.golden_info, "manifest": self.manifest},
+      "candidate": {"path": self.candidate, "format": self.candidate_format},
+      "profile": self.profile,
+      "thresholds": dataclasses.asdict(self.thresholds),
+      "overrides": self.overrides,
+      "rows": [{"name": r.name, "kind": r.kind.value, "status": r.status.value, "summary": r.summary,
+                "bound": r.bound, "note": r.note, "metrics": r.metrics} for r in self.rows],
+      "unknown_candidate_tensors": self.unknown,
+      "not_supplied": self.not_supplied,
+      "first_divergence": self.first_divergence,
+      "metadata_differences": self.metadata_differences,
+      "notes": self.notes,
+    })
+
+  def to_markdown(self) -> str:
+    what = ", ".join(f"{k} {v}" for k, v in self.golden_info.items() if k not in ("block_elems", "block_bytes"))
+    verified = (f"sha256 verified against {self.manifest['path']}" if self.manifest
+                else "not listed in a manifest: not verified")
+    thr = ", ".join(f"{k}={v:g}" for k, v in dataclasses.asdict(self.thresholds).items())
+    lines = [
+      f"golden:     {self.golden} ({self.golden_kind}{'; ' + what if what else ''}; {verified})",
+      f"candidate:  {self.candidate} ({self.candidate_format})",
+      f"thresholds: profile {self.profile}: {thr}",
+    ]
+    for name, o in self.overrides.items():
+      change = o["change"].upper() if o["change"] == "looser" else o["change"]
+      lines.append(f"            override {name}={o['value']:g} (profile {o['profile_value']:g}: {change})")
+    lines += ["", "| tensor | kind | metrics | bound | result |", "|---|---|---|---|---|"]
+    for r in self.rows:
+      summary = r.summary + (f" [{r.note}]" if r.note else "")
+      lines.append(f"| {_cell(r.name)} | {r.kind} | {_cell(summary)} | {_cell(r.bound)} | {r.status} |")
+    lines.append("")
+    if self.unknown:
+      lines.append(f"candidate tensors the golden does not have (not compared): {_names(self.unknown)}")
+    if self.not_supplied:
+      lines.append(f"golden tensors the candidate did not supply (not compared): {_names(self.not_supplied)}")
+    for d in self.metadata_differences:
+      lines.append(f"metadata {d['key']}: golden {d['golden']!r}, candidate {d['candidate']!r} (not judged)")
+    for n in self.notes:
+      lines.append(f"note: {n}")
+    fd = self.first_divergence
+    if fd is not None:
+      where = f"layer {fd['layer']}, " if fd["layer"] is not None else ""
+      why = (fd["metric"] if fd["tensor"].endswith("topk_ids")
+             else f"{fd['metric']} {_g(fd['value'])} > {_g(fd['bound'])}")
+      within = " (every tensor still within its bound)" if not self.failed else ""
+      lines.append(f"first divergence{within}: {where}{fd['tensor']}, token {fd['token']} ({why})")
+    n = len(self.rows)
+    verdict = (f"FAIL: {len(self.failed)} of {n} tensors out of bounds" if self.failed
+               else f"PASS: {n} tensors within bounds")
+    lines.append(f"result: {verdict}")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _names(names: Sequence[str], limit: int = 20) -> str:
+  shown = ", ".join(names[:limit])
+  return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _jsonable(x):
+  """JSON-safe copy: non-finite floats as strings ("inf", "nan"), numpy scalars as Python, tuples as lists."""
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, list | tuple):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, enum.Enum):
+    return x.value
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  return x
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> None:
+  """Write obj as JSON atomically: a temp file beside the target, then os.replace."""
+  path = os.fspath(path)
+  d = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".diff-report-", suffix=".json", dir=d)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+# ------------------------------------------------------------------------------------------------- diff
+
+
+def diff(golden_path: str | os.PathLike, candidate_path: str | os.PathLike, *,
+         thresholds: Thresholds | None = None, profile: str = DEFAULT_PROFILE,
+         overrides: Mapping | None = None) -> Report:
+  """Compare a candidate with a golden file; raises BadInput when they cannot be compared."""
+  thr = thresholds if thresholds is not None else PROFILES[profile]
+  golden = open_golden(golden_path)
+  cand = open_candidate(candidate_path, golden)
+  common = dict(golden=golden.dump.path, golden_kind=golden.kind.value, golden_info=golden.info,
+                manifest=golden.manifest, candidate=cand.path, candidate_format=cand.format, profile=profile,
+                thresholds=thr, overrides=dict(overrides or {}))
+  if golden.kind is GoldenKind.MODEL_GGUF:
+    rows, meta = compare_gguf(golden.dump.gguf, cand.gguf, thr)
+    return Report(**common, rows=tuple(rows), metadata_differences=tuple(meta))
+  matched = dumps.match(cand, golden.dump, _expect_for(golden))
+  notes: list[str] = []
+  fd = None
+  if golden.kind is GoldenKind.KERNEL:
+    rows = compare_kernel(golden, matched, thr, cand.path)
+  else:
+    rows, notes = compare_model_outputs(golden, matched, thr, profile, cand.path)
+    fd = first_divergence(golden, matched, thr)
+  return Report(**common, rows=tuple(rows), unknown=matched.unknown,
+                not_supplied=tuple(sorted(matched.not_supplied, key=_row_order)),
+                notes=tuple(notes), first_divergence=fd)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+  p = subparsers.add_parser(
+    "diff",
+    help="compare an engine's output (or GGUF) with a golden file; exit 0 within bounds, 1 out, 2 bad input",
+    description="Compare CANDIDATE (.npz, .safetensors, .npy, raw float32 .bin/.f32/.raw, or a GGUF for a "
+    "golden GGUF) with GOLDEN tensor by tensor. Exit status: 0 all within bounds, 1 out of bounds, 2 bad "
+    "input. Formats and thresholds: docs/diff.md.",
+  )
+  p.add_argument("golden", help="golden file: goldens/kernels/*.safetensors, goldens/models/M/outputs/R.safetensors, "
+                 "or goldens/models/M/gguf/R.gguf")
+  p.add_argument("candidate", help="the engine's output to judge")
+  p.add_argument("--report", metavar="R.json", help="also write the full comparison as JSON (atomically)")
+  p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
+                 help=f"threshold preset (default {DEFAULT_PROFILE}: a float32 engine without activation "
+                 "quantization; llama-cpu: Q8 activation quantization)")
+  p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                 help=f"override one bound (repeatable); names: {', '.join(threshold_names())}")
+  p.set_defaults(func=run)
+  return p
+
+
+def run(args: argparse.Namespace) -> int:
+  try:
+    thr, overrides = apply_overrides(PROFILES[args.profile], args.threshold)
+    report = diff(args.golden, args.candidate, thresholds=thr, profile=args.profile, overrides=overrides)
+  except (BadInput, OSError) as e:
+    message = str(e) if isinstance(e, BadInput) else f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}"
+    print(f"dq3jax diff: error: {message}", file=sys.stderr)
+    if args.report:
+      try:
+        write_json(args.report, {"result": "ERROR", "exit_code": 2, "error": message,
+                                 "golden": {"path": args.golden}, "candidate": {"path": args.candidate}})
+      except OSError as w:
+        print(f"dq3jax diff: error: cannot write {args.report}: {w}", file=sys.stderr)
+    return 2
+  print(report.to_markdown())
+  if args.report:
+    try:
+      write_json(args.report, report.to_json())
+    except OSError as e:
+      print(f"dq3jax diff: error: cannot write {args.report}: {e}", file=sys.stderr)
+      return 2
+  return report.exit_code
