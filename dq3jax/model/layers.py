@@ -7,6 +7,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dq3jax.model import act_quant
+from dq3jax.model.act_quant import ActQuant
+
 # Full-precision products everywhere: on CPU this is the default, on GPU/TPU it stops float32 matmuls from
 # silently running in tf32/bf16 passes, which would break the oracle's tolerances.
 einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
@@ -29,6 +32,9 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
-def swiglu(p: dict, x: jax.Array) -> jax.Array:
-  """Dense SwiGLU MLP: down(silu(gate x) * up x); p has w_gate/w_up [I, d], w_down [d, I]."""
-  return linear(jax.nn.silu(linear(x, p["w_gate"])) * linear(x, p["w_up"]), p["w_down"])
+def swiglu(p: dict, x: jax.Array, aq: ActQuant | None = None) -> jax.Array:
+  """Dense SwiGLU MLP: down(silu(gate x) * up x); p has w_gate/w_up [I, d], w_down [d, I]. aq (scoped to p)
+  rounds each weight's input as llama.cpp's CPU backend does (see act_quant.py)."""
+  gate = linear(act_quant.apply(aq, x, "w_gate"), p["w_gate"])
+  up = linear(act_quant.apply(aq, x, "w_up"), p["w_up"])
+  return linear(act_quant.apply(aq, jax.nn.silu(gate) * up, "w_down"), p["w_down"])

@@ -5,6 +5,11 @@ no q_lora: wq [H*(dn+dr), d]; always wkv_a [r+dr, d], kv_norm [r], wkv_b [H*(dn+
 
 The cache holds only what MLA needs per token: the normalised latent c [B, S, r] and the rotated shared key
 k_pe [B, S, dr]. Both forms read the same cache, so prefill and decode may use either form.
+
+`aq` (act_quant.ActQuant scoped to these params, or None) rounds each weight's input as llama.cpp's CPU
+backend does. llama.cpp runs the split layout absorbed: q_nope [T, H, dn] meets attn_k_b per head and the
+latent attention output [T, H, r] meets attn_v_b per head; the kv_b layout expanded: the latent c meets wkv_b.
+The attention products themselves (scores, probs x values) run on the F32 cache in float32 there too.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dq3jax.model import rope
+from dq3jax.model.act_quant import ActQuant, apply
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.layers import einsum, linear, rms_norm, upcast_dtype
 
@@ -26,17 +32,20 @@ class AttnForm(enum.Enum):
   ABSORBED = "absorbed"
 
 
-def _queries(p: dict, x: jax.Array, cfg: DeepseekV3Config) -> jax.Array:
+def _queries(p: dict, x: jax.Array, cfg: DeepseekV3Config, aq: ActQuant | None) -> jax.Array:
   if cfg.q_lora_rank is None:
-    q = linear(x, p["wq"])
+    q = linear(apply(aq, x, "wq"), p["wq"])
   else:
-    q = linear(rms_norm(linear(x, p["wq_a"]), p["q_norm"], cfg.latent_norm_eps), p["wq_b"])
+    q_a = rms_norm(linear(apply(aq, x, "wq_a"), p["wq_a"]), p["q_norm"], cfg.latent_norm_eps)
+    q = linear(apply(aq, q_a, "wq_b"), p["wq_b"])
   return q.reshape(*x.shape[:-1], cfg.num_attention_heads, cfg.qk_head_dim)  # [B, T, H, dn+dr]
 
 
-def latent(p: dict, x: jax.Array, cfg: DeepseekV3Config, cos: jax.Array, sin: jax.Array):
+def latent(
+  p: dict, x: jax.Array, cfg: DeepseekV3Config, cos: jax.Array, sin: jax.Array, aq: ActQuant | None = None
+):
   """The per-token cache entries: normalised latent c [B, T, r] and rotated shared key k_pe [B, T, dr]."""
-  kv = linear(x, p["wkv_a"])  # [B, T, r+dr]
+  kv = linear(apply(aq, x, "wkv_a"), p["wkv_a"])  # [B, T, r+dr]
   c = rms_norm(kv[..., : cfg.kv_lora_rank], p["kv_norm"], cfg.latent_norm_eps)
   k_pe = rope.apply(kv[..., cfg.kv_lora_rank :], cos, sin, interleave=cfg.rope_interleave)
   return c, k_pe
@@ -59,6 +68,7 @@ def attention(
   k_pe: jax.Array,
   k_positions: jax.Array,
   form: AttnForm = AttnForm.EXPANDED,
+  aq: ActQuant | None = None,
 ) -> jax.Array:
   """MLA output [B, T, d] for queries x [B, T, d] over keys given as latents c [B, S, r], k_pe [B, S, dr].
 
@@ -66,7 +76,7 @@ def attention(
   sit at positions beyond every query).
   """
   h, dn, dv, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-  q = _queries(p, x, cfg)
+  q = _queries(p, x, cfg, aq)
   q_nope = q[..., :dn]  # [B, T, H, dn]
   q_pe = rope.apply(q[..., dn:], cos[..., None, :], sin[..., None, :], interleave=cfg.rope_interleave)
   wkv_b = p["wkv_b"].reshape(h, dn + dv, r)
@@ -75,8 +85,9 @@ def attention(
   dtype = x.dtype
 
   if form is AttnForm.EXPANDED:
-    k_nope = einsum("bsr,hkr->bshk", c, w_k)  # [B, S, H, dn]
-    v = einsum("bsr,hvr->bshv", c, w_v)  # [B, S, H, dv]
+    c_in = apply(aq, c, "wkv_b")  # per cached token, as llama.cpp's kv_b path multiplies it before caching
+    k_nope = einsum("bsr,hkr->bshk", c_in, w_k)  # [B, S, H, dn]
+    v = einsum("bsr,hvr->bshv", c_in, w_v)  # [B, S, H, dv]
     k = jnp.concatenate(
       [k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))], -1
     )
@@ -85,9 +96,9 @@ def attention(
     probs = _softmax(scores, mask, dtype)  # [B, H, T, S]
     o = einsum("bhts,bshv->bthv", probs, v)
   else:
-    q_lat = einsum("bthk,hkr->bthr", q_nope, w_k)  # [B, T, H, r]
+    q_lat = einsum("bthk,hkr->bthr", apply(aq, q_nope, "wkv_b", "k_b"), w_k)  # [B, T, H, r]
     scores = (einsum("bthr,bsr->bhts", q_lat, c) + einsum("bthe,bse->bhts", q_pe, k_pe)) * cfg.softmax_scale
     probs = _softmax(scores, mask, dtype)
     o_lat = einsum("bhts,bsr->bthr", probs, c)  # [B, T, H, r]
-    o = einsum("bthr,hvr->bthv", o_lat, w_v)
-  return linear(o.reshape(*o.shape[:2], h * dv), p["wo"])
+    o = einsum("bthr,hvr->bthv", apply(aq, o_lat, "wkv_b", "v_b"), w_v)
+  return linear(apply(aq, o.reshape(*o.shape[:2], h * dv), "wo"), p["wo"])

@@ -3,6 +3,7 @@
 Params: {"embed": [V, d], "layers": [layer, ...], "norm": [d], "lm_head": [V, d]}, where a layer is
 {"attn_norm": [d], "attn": mla params, "ffn_norm": [d], "mlp": swiglu params (dense) or moe params}.
 The compute dtype is the dtype of params["embed"] (see runner.py for casting and the float64 scope).
+`act_quant` (an act_quant.ActQuant, or None) rounds every weight's input as llama.cpp's CPU backend does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dq3jax.model import mla, moe, rope
+from dq3jax.model.act_quant import ActQuant, apply, scope
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.layers import linear, rms_norm, swiglu
 
@@ -49,6 +51,7 @@ def forward(
   cache: dict | None = None,
   form: mla.AttnForm = mla.AttnForm.EXPANDED,
   intermediates: bool = False,
+  act_quant: ActQuant | None = None,
 ) -> Output:
   """Logits for tokens [B, T].
 
@@ -65,8 +68,9 @@ def forward(
   h = params["embed"][tokens]  # [B, T, d]
   new_layers, records = [], []
   for i, lp in enumerate(params["layers"]):
+    aq_attn, aq_mlp = scope(act_quant, "layers", str(i), "attn"), scope(act_quant, "layers", str(i), "mlp")
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-    c, k_pe = mla.latent(lp["attn"], x, cfg, cos, sin)
+    c, k_pe = mla.latent(lp["attn"], x, cfg, cos, sin, aq_attn)
     record = {"attn_latent": c}
     if cache is None:
       k_positions = q_positions
@@ -91,17 +95,20 @@ def forward(
       k_pe=k_pe,
       k_positions=k_positions,
       form=form,
+      aq=aq_attn,
     )
     record["hidden_after_attn"] = h
     x = rms_norm(h, lp["ffn_norm"], cfg.rms_norm_eps)
     if cfg.is_moe_layer(i):
-      y, ids, weights = moe.moe(lp["mlp"], x, cfg)
+      y, ids, weights = moe.moe(lp["mlp"], x, cfg, aq_mlp)
       record.update(topk_ids=ids, topk_weights=weights)
     else:
-      y = swiglu(lp["mlp"], x)
+      y = swiglu(lp["mlp"], x, aq_mlp)
     h = h + y
     record["hidden_after_mlp"] = h
     records.append(record)
-  logits = linear(rms_norm(h, params["norm"], cfg.rms_norm_eps), params["lm_head"])
+  logits = linear(
+    apply(act_quant, rms_norm(h, params["norm"], cfg.rms_norm_eps), "lm_head"), params["lm_head"]
+  )
   new_cache = None if cache is None else {"layers": new_layers, "length": start + t}
   return Output(logits=logits, cache=new_cache, intermediates=records if intermediates else None)

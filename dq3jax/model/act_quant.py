@@ -1,0 +1,293 @@
+"""Emulation of llama.cpp's CPU activation quantization: the activation side of every weight matmul.
+
+ggml's CPU backend never multiplies float32 activations by a quantized weight directly. `mul_mat` and
+`mul_mat_id` first convert each activation row to the weight type's `vec_dot_type` (`type_traits_cpu` in
+ggml-cpu.c; VEC_DOT_TYPE below) and then run integer (or half-precision) dot products. That rounding of the
+activations, not the dot product's summation order, is the dominant difference between llama.cpp's logits
+and the oracle's float32 logits on the same GGUF. This module reproduces it as `dequant(quant(x))`, which the
+model then multiplies by the dequantized weight in float32. The dot product itself is not emulated (ggml sums
+integer block products and then scales them, in another order). Positions then agree with llama.cpp to float32
+rounding, except downstream of a code flip: a float32-level difference that moves one activation across a
+rounding boundary changes it by a whole quantization step, and that difference spreads to later layers and
+positions. dq3jax shows the same spread against itself (full-sequence vs incremental evaluation), so it is the
+floor of any float32 emulation; tests/model/test_act_quant.py has the measurements.
+
+Which quantizer runs (llama-cpp-python 0.3.36 as built on this x86-64 machine, AVX2 and AVX-512; the routines
+are in ggml-cpu/arch/x86, the table's `from_float` points at them):
+  * Q8_0 / Q8_1 (Q4_0, Q5_0, Q8_0 / Q4_1, Q5_1 weights): the AVX/AVX2 branch of `quantize_row_q8_0/1` (any
+    x86-64 build with AVX takes it; the scalar reference runs only without AVX): d = amax / 127 (stored fp16),
+    codes = round-half-even(x * (127 / amax)), the reciprocal taken from amax directly. The reference's id = 1/d
+    and roundf (half away from zero) give other codes rarely on generic data (1 in 5e5 Gaussian values) but
+    often on grids (half the codes of a half-integer grid). The 4-row packer of repacked Q4_0 weights
+    (`ggml_quantize_mat_q8_0_4x8`) computes the same codes as the row routine.
+  * Q8_K (Q2_K..Q6_K weights): x86 has no SIMD `quantize_row_q8_K`; it is the reference (scale -127/max of the
+    first element of largest magnitude, nearest_int, d stored float32). Repacked Q4_K/Q2_K weights quantize
+    groups of four rows with `ggml_quantize_mat_q8_K_4x8`, which computes the same values except when a block
+    holds both +amax and -amax (it then prefers the positive one); we follow the reference.
+  * F16: round to nearest even (F16C); BF16: ggml's reference bit rounding; F32: unchanged.
+Q8_1 also stores s = fp16(d * sum(q)), which vec_dot_q4_1_q8_1 uses for the weight's offset term; the round
+trip returns d * q, so Q4_1/Q5_1 weights are emulated up to that fp16 rounding of s.
+
+Matmuls between activations (attention's kq and kqv) use the KV cache type's vec_dot_type; with the F32 cache
+our comparisons use (type_k = type_v = F32, no flash attention) they are plain float32, so nothing applies.
+
+`ActQuant` records, per weight, the ggml type it is stored in; `act_quant_from_gguf` reads it from a file. The
+model threads it through its layers as `aq` (scoped to the current params subtree with `scope`) and calls
+`apply(aq, x, name)` on the activation that meets weight `name`; `apply(None, ...)` returns x itself, so a
+model run without emulation is unchanged bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dq3jax.quant._arith import f16_bits_to_f32_bits, f32_bits_to_f16_bits
+
+# ggml-cpu.c type_traits_cpu[weight type].vec_dot_type, for the weight types dq3jax reads.
+VEC_DOT_TYPE: Mapping[str, str] = {
+  "F32": "F32",
+  "F16": "F16",
+  "BF16": "BF16",
+  "Q4_0": "Q8_0",
+  "Q5_0": "Q8_0",
+  "Q8_0": "Q8_0",
+  "Q4_1": "Q8_1",
+  "Q5_1": "Q8_1",
+  "Q2_K": "Q8_K",
+  "Q3_K": "Q8_K",
+  "Q4_K": "Q8_K",
+  "Q5_K": "Q8_K",
+  "Q6_K": "Q8_K",
+}
+
+LAYOUTS = ("split", "kv_b")
+
+
+def vec_dot_type(weight_type: str) -> str:
+  """The type llama.cpp's CPU backend converts activations to before multiplying by a `weight_type` weight."""
+  try:
+    return VEC_DOT_TYPE[weight_type]
+  except KeyError:
+    raise ValueError(
+      f"no activation-quantization rule for weight type {weight_type!r}; known: {', '.join(VEC_DOT_TYPE)}"
+    ) from None
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+
+def _blocks(x: jax.Array, size: int, what: str) -> jax.Array:
+  n = x.shape[-1]
+  if n % size:
+    raise ValueError(f"{what}: row length {n} is not a multiple of the block size {size} (ggml asserts it)")
+  return x.reshape(*x.shape[:-1], n // size, size)
+
+
+def _opaque(v: jax.Array, like: jax.Array | None = None) -> jax.Array:
+  """v (float32) with the bit `like != like` OR-ed into its pattern: that bit is 0 unless `like` is NaN, and
+  every result derived from a NaN `like` is NaN anyway, so the value is v; but no compiler may treat it as
+  a constant or as the quotient it came from. XLA rewrites `a / const` as `a * (1/const)` and
+  `1 / (c / m)` as `m * (1/c)`, two roundings where C has one."""
+  like = v if like is None else like
+  nan_bit = (like != like).astype(jnp.uint32)
+  return lax.bitcast_convert_type(lax.bitcast_convert_type(v, jnp.uint32) | nan_bit, jnp.float32)
+
+
+def _true_div(a: jax.Array, b: float) -> jax.Array:
+  """a / b correctly rounded for a constant b."""
+  return a / _opaque(jnp.broadcast_to(jnp.float32(b), a.shape), a)
+
+
+def _fp16_value(v: jax.Array) -> jax.Array:
+  """f32(fp16(v)) by integer arithmetic (exact whatever the backend's flush-to-zero mode)."""
+  bits = f16_bits_to_f32_bits(f32_bits_to_f16_bits(lax.bitcast_convert_type(v, jnp.uint32)))
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def q8_0(x: jax.Array) -> jax.Array:
+  """x [..., n] -> the values x86 AVX2 `quantize_row_q8_0` encodes: per 32 elements f32(fp16(amax/127)) * q,
+  q = round_half_even(x * (127/amax)) saturated to int8 (the pack instructions saturate)."""
+  xb = _blocks(x, 32, "Q8_0")  # [..., nb, 32]
+  amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+  d = _true_div(amax, 127.0)
+  inv = _opaque(jnp.where(amax != 0, jnp.float32(127.0) / jnp.where(amax != 0, amax, 1), 0))
+  # Through int32 so that a -0 code decodes to +0 as ggml's integer code does.
+  q = jnp.clip(jnp.rint(xb * inv), -128, 127).astype(jnp.int32).astype(jnp.float32)
+  return (_fp16_value(d) * q).reshape(x.shape)
+
+
+def q8_1(x: jax.Array) -> jax.Array:
+  """Q8_1's codes and d are Q8_0's (same AVX2 routine); its extra sum field is not a value (module doc)."""
+  return q8_0(x)
+
+
+def q8_k(x: jax.Array) -> jax.Array:
+  """x [..., n] -> the values `quantize_row_q8_K` (reference; the x86 build has no SIMD version) encodes: per
+  256 elements d * q with iscale = -127/max (max: the first element of largest magnitude),
+  q = MIN(127, nearest_int(iscale * x)), d = 1/iscale in float32; an all-zero block stays zero."""
+  xb = _blocks(x, 256, "Q8_K")  # [..., nb, 256]
+  idx = jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True)  # first index of the largest magnitude
+  mx = jnp.take_along_axis(xb, idx, axis=-1)  # [..., nb, 1] signed
+  zero = mx == 0
+  iscale = _opaque(jnp.float32(-127.0) / jnp.where(zero, 1, mx))
+  # nearest_int is round-half-even for |v| < 2^22; here |v| <= 127.5.
+  q = jnp.minimum(127, jnp.rint(iscale * xb)).astype(jnp.int32).astype(jnp.float32)
+  d = jnp.float32(1.0) / iscale
+  return jnp.where(zero, 0, d * q).reshape(x.shape)
+
+
+def f16(x: jax.Array) -> jax.Array:
+  """Round to fp16 and back (ggml_cpu_fp32_to_fp16: F16C, round to nearest even)."""
+  return _fp16_value(x)
+
+
+def bf16(x: jax.Array) -> jax.Array:
+  """ggml's fp32->bf16 (round to nearest even on the bit pattern, NaN forced quiet) and back."""
+  u = lax.bitcast_convert_type(x, jnp.uint32)
+  rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+  h = jnp.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, rounded)
+  return lax.bitcast_convert_type(h << 16, jnp.float32)
+
+
+_ROUND_TRIPS = {"Q8_0": q8_0, "Q8_1": q8_1, "Q8_K": q8_k, "F16": f16, "BF16": bf16}
+
+
+def round_trip(x: jax.Array, act_type: str) -> jax.Array:
+  """x [..., n] (rows along the last axis) converted to the activation type `act_type` (a vec_dot_type) and
+  back, in float32 as ggml computes it; the result has x's dtype. "F32" returns x itself."""
+  if act_type == "F32":
+    return x
+  try:
+    fn = _ROUND_TRIPS[act_type]
+  except KeyError:
+    raise ValueError(f"unknown activation type {act_type!r}; known: F32, {', '.join(_ROUND_TRIPS)}") from None
+  return fn(x.astype(jnp.float32)).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ the mapping
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQuant:
+  """Per weight, the ggml type it is stored in, keyed by params path: ("lm_head",),
+  ("layers", "1", "mlp", "experts", "w_down"), ...; in the split layout the two halves of wkv_b are
+  ("layers", i, "attn", "wkv_b", "k_b") and (..., "v_b"), since a recipe may give them different types.
+
+  `layout` says which attention graph llama.cpp builds for the file: "split" (attn_k_b/attn_v_b) runs MLA
+  absorbed (q_nope times k_b, the latent attention output times v_b), "kv_b" runs it expanded (the latent
+  times wkv_b gives keys and values). `prefix` scopes lookups to a params subtree (see `scope`).
+  Hashable, so it can be a static argument of jit.
+  """
+
+  weights: tuple[tuple[Path, str], ...]
+  layout: str
+  prefix: Path = ()
+
+  def __post_init__(self):
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+    for path, ty in self.weights:
+      vec_dot_type(ty)  # fails early on a type without a rule
+      if not (isinstance(path, tuple) and all(isinstance(k, str) for k in path)):
+        raise ValueError(f"params path {path!r} must be a tuple of str")
+
+  @classmethod
+  def from_types(cls, types: Mapping[str | Path, str], layout: str | None = None) -> ActQuant:
+    """From {GGUF tensor name or params path: ggml type name}. GGUF names without a params location
+    (norms, biases, token_embd, ...) are ignored; layout defaults to "split" iff attn_k_b/attn_v_b appear."""
+    weights: dict[Path, str] = {}
+    split = False
+    for key, ty in types.items():
+      if isinstance(key, str):
+        for path in _paths_of_gguf_name(key):
+          split |= path[-1] in ("k_b", "v_b")
+          weights[path] = ty
+      else:
+        split |= key[-1:] in (("k_b",), ("v_b",))
+        weights[tuple(key)] = ty
+    return cls(weights=tuple(sorted(weights.items())), layout=layout or ("split" if split else "kv_b"))
+
+  @functools.cached_property
+  def _table(self) -> dict[Path, str]:
+    return dict(self.weights)
+
+  @property
+  def attn_form_name(self) -> str:
+    """The MLA order llama.cpp uses for this layout: "absorbed" (split) or "expanded" (kv_b)."""
+    return "absorbed" if self.layout == "split" else "expanded"
+
+  def scope(self, *keys: str) -> ActQuant:
+    """The same mapping with lookups relative to prefix + keys."""
+    return dataclasses.replace(self, prefix=(*self.prefix, *keys))
+
+  def weight_type(self, key: str | Path) -> str:
+    """ggml type of a weight: a GGUF tensor name (absolute) or a params path relative to `prefix`."""
+    if isinstance(key, str):
+      paths = _paths_of_gguf_name(key)
+      if not paths:
+        raise KeyError(f"{key!r} is not a deepseek2 weight with a params location")
+      path = paths[0]
+    else:
+      path = (*self.prefix, *key)
+    try:
+      return self._table[path]
+    except KeyError:
+      raise KeyError(
+        f"no weight type for {'.'.join(path)!r} (layout {self.layout!r}); the mapping does not match the "
+        "model or the attention form"
+      ) from None
+
+  def act_type(self, key: str | Path) -> str:
+    """The activation type (vec_dot_type) the weight's activations are converted to."""
+    return vec_dot_type(self.weight_type(key))
+
+
+def apply(aq: ActQuant | None, x: jax.Array, *name: str) -> jax.Array:
+  """x [..., n] as llama.cpp's CPU backend presents it to weight `name` (relative to aq's prefix); x itself
+  when aq is None."""
+  if aq is None:
+    return x
+  return round_trip(x, aq.act_type(name))
+
+
+def scope(aq: ActQuant | None, *keys: str) -> ActQuant | None:
+  return None if aq is None else aq.scope(*keys)
+
+
+def _paths_of_gguf_name(name: str) -> list[Path]:
+  """Params paths a GGUF tensor's type applies to (empty for tensors no matmul reads)."""
+  from dq3jax.io.gguf_layout import Kind, mapping  # noqa: PLC0415  (io imports model: import late)
+
+  m = re.fullmatch(r"blk\.(\d+)\.ffn_gate_up_exps\.weight", name)
+  if m:  # newer converters fuse gate and up; one mul_mat_id, one type for both
+    base = ("layers", m.group(1), "mlp", "experts")
+    return [(*base, "w_gate"), (*base, "w_up")]
+  try:
+    mp = mapping(name)
+  except KeyError:
+    return []
+  if mp.path[-1] in ("embed", "norm", "router_bias") or mp.path[-1].endswith("norm"):
+    return []  # get_rows, elementwise: no activation quantization
+  suffix = {Kind.K_B: ("k_b",), Kind.V_B: ("v_b",)}.get(mp.kind, ())
+  return [(*mp.path, *suffix)]
+
+
+def act_quant_from_gguf(path: str | os.PathLike) -> ActQuant:
+  """The ActQuant of a deepseek2 GGUF: each weight's stored type, and the file's attention layout."""
+  from dq3jax.io.gguf_read import read_gguf  # noqa: PLC0415
+
+  f = read_gguf(path)
+  types: dict[str, str] = {n: t.type_name for n, t in f.tensors.items()}
+  if "output.weight" not in types and "token_embd.weight" in types:
+    types["output.weight"] = types["token_embd.weight"]  # tied head, as llama.cpp loads it
+  return ActQuant.from_types(types)
