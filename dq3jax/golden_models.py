@@ -9,7 +9,10 @@ Layout under goldens/models/<model>/ (documented for engine developers in docs/d
     tokens [T] int32; logits [T, V] (one prefill over all T positions); decode_logits [T-P, V]
     (positions P..T-1: a prefill of P tokens, then one token at a time through the latent KV cache);
     blk.<i>.attn_latent [T, kv_lora_rank], blk.<i>.hidden_after_attn [T, d], blk.<i>.hidden_after_mlp [T, d];
-    on MoE layers blk.<i>.topk_ids [T, K] int32 (descending biased score) and blk.<i>.topk_weights [T, K].
+    on MoE layers blk.<i>.topk_ids [T, K] int32 (descending biased score) and blk.<i>.topk_weights [T, K];
+    logits_q8act [T, V] and decode_logits_q8act [T-P, V]: the same with llama.cpp's CPU activation
+    quantization emulated (dq3jax.model.act_quant: each matmul's input rounded through the weight type's
+    vec_dot_type, attention in the file's layout order), the golden a llama.cpp-style engine is held to.
 
 The outputs are computed from the GGUF as written (read back through dq3jax.io.gguf_read), so they are what
 an engine that loads that file should produce, up to its own rounding.
@@ -42,6 +45,7 @@ def outputs_of(gguf_path, tokens: np.ndarray) -> dict[str, np.ndarray]:
   """The oracle's float32 outputs for one GGUF file on tokens [T]."""
   from dq3jax.io import gguf_read  # noqa: PLC0415
   from dq3jax.model import runner  # noqa: PLC0415
+  from dq3jax.model.act_quant import act_quant_from_gguf  # noqa: PLC0415
 
   cfg, params = gguf_read.load(gguf_path)
   batch = tokens[None]  # [1, T]
@@ -52,6 +56,10 @@ def outputs_of(gguf_path, tokens: np.ndarray) -> dict[str, np.ndarray]:
     "logits": np.asarray(logits[0], np.float32),
     "decode_logits": np.asarray(decode[0, PREFILL:], np.float32),
   }
+  aq = act_quant_from_gguf(gguf_path)
+  out["logits_q8act"] = np.asarray(runner.logits(params, batch, cfg, act_quant=aq)[0], np.float32)
+  decode_aq = runner.incremental_logits(params, batch, cfg, prefill=PREFILL, act_quant=aq)
+  out["decode_logits_q8act"] = np.asarray(decode_aq[0, PREFILL:], np.float32)
   for i, rec in enumerate(inter):
     for key in ("attn_latent", "hidden_after_attn", "hidden_after_mlp", "topk_ids", "topk_weights"):
       if key in rec:
