@@ -127,7 +127,7 @@ class Status(enum.StrEnum):
   INFO = "INFO"  # reported, not judged
 
 
-LOGIT_TENSORS = ("logits", "decode_logits", "logits_q8act")
+LOGIT_TENSORS = ("logits", "decode_logits", "logits_q8act", "decode_logits_q8act")
 # The order in which a layer's values are produced: the first-divergence walk follows it.
 LAYER_STAGES = ("attn_latent", "hidden_after_attn", "topk_ids", "hidden_after_mlp")
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -427,7 +427,7 @@ def compare_model_outputs(golden: Golden, m: dumps.Matched, thr: Thresholds, pro
       nxt = None
       if tokens is not None and name in ("logits", "logits_q8act") and tokens.size == g.shape[0]:
         nxt = tokens[1:]
-      elif tokens is not None and name == "decode_logits" and prefill is not None \
+      elif tokens is not None and name in ("decode_logits", "decode_logits_q8act") and prefill is not None \
           and prefill + g.shape[0] == tokens.size:
         nxt = tokens[prefill + 1 :]
       elif tokens is not None:
@@ -445,11 +445,18 @@ def compare_model_outputs(golden: Golden, m: dumps.Matched, thr: Thresholds, pro
     rows.append(dataclasses.replace(row, note=m.notes.get(name, "")))
   # A Q8-activation engine's logits against the golden's emulation of that path: informative only, since
   # the emulation is not bit-exact to any one engine.
-  if profile == "llama-cpu" and "logits" in m.tensors and "logits_q8act" in gt and "logits_q8act" not in m.tensors:
-    g = np.asarray(gt["logits_q8act"])
-    nxt = tokens[1:] if tokens is not None and tokens.size == g.shape[0] else None
-    rows.append(logits_row("logits", g, m.tensors["logits"], nxt, thr, status_if_judged=False,
-                           label="logits vs golden logits_q8act"))
+  for name in ("logits", "decode_logits"):
+    emulated = f"{name}_q8act"
+    if profile != "llama-cpu" or name not in m.tensors or emulated not in gt or emulated in m.tensors:
+      continue
+    g = np.asarray(gt[emulated])
+    nxt = None
+    if tokens is not None and name == "logits" and tokens.size == g.shape[0]:
+      nxt = tokens[1:]
+    elif tokens is not None and prefill is not None and prefill + g.shape[0] == tokens.size:
+      nxt = tokens[prefill + 1 :]
+    rows.append(logits_row(name, g, m.tensors[name], nxt, thr, status_if_judged=False,
+                           label=f"{name} vs golden {emulated}"))
   return rows, notes
 
 

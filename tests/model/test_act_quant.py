@@ -40,7 +40,8 @@ class _TraitsCpu(ctypes.Structure):  # ggml-cpu.h struct ggml_type_traits_cpu
 
 @pytest.fixture(scope="module")
 def ggml_cpu():
-  pytest.importorskip("llama_cpp")
+  import llama_cpp  # noqa: F401  (the reference extra; a missing install fails, never skips)
+
   from reference import ggml_ref
 
   lib = ctypes.CDLL(str(pathlib.Path(ggml_ref.library_path()).parent / "libggml-cpu.so"))
@@ -270,7 +271,8 @@ EXACT_SHARE = 0.4  # with emulation, at least this share of positions agrees to 
 
 @pytest.fixture(scope="module")
 def mini_files(tmp_path_factory):
-  pytest.importorskip("llama_cpp")
+  import llama_cpp  # noqa: F401  (the reference extra; a missing install fails, never skips)
+
   from dq3jax.convert.quantize import quantize_to_gguf
   from dq3jax.convert.sources import ParamsSource
   from tests.io.gguf_llama_ref import mini_config
