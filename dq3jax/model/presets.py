@@ -6,7 +6,7 @@
   budget allow: rope head dim = nope / 2 as in V3, v_head_dim = 128 as in V3, q_lora_rank = kv_lora_rank
   (V3: 3:1), dense intermediate = 2 x hidden (V3: 2.57x), expert width = hidden (V3: 0.29x). One dense layer
   and two MoE layers, 4 routed experts in 2 groups (not 8: llama.cpp special-cases n_expert == 8, which V3
-  never hits), top-2, one shared expert, YaRN.
+  never hits), top-2, one shared expert, YaRN (tiny_config's: factor 40 over 16 original positions).
 - `v3-tiny`: small widths (multiples of 32, not 256: k-quants take their shape fallbacks), 16 experts in 4
   groups with topk_group 2 and top-4, so group routing is exercised richly; four layers (one dense).
 
@@ -21,19 +21,8 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
-from dq3jax.model.config import DeepseekV3Config, RopeConfig, RopeKind
+from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.random_init import init_params, tiny_config
-
-_YARN = RopeConfig(
-  kind=RopeKind.YARN,
-  theta=10000.0,
-  factor=40.0,
-  original_max_position_embeddings=16,
-  beta_fast=32.0,
-  beta_slow=1.0,
-  mscale=1.0,
-  mscale_all_dim=1.0,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +56,6 @@ PRESETS = {
         n_group=2,
         topk_group=1,
         first_k_dense_replace=1,
-        rope=_YARN,
-        max_position_embeddings=640,
       ),
       seed=256,
       description="3 layers (1 dense), 4 experts, every k-quant applicable (ne0 multiple of 256)",
@@ -93,8 +80,6 @@ PRESETS = {
         n_group=4,
         topk_group=2,
         first_k_dense_replace=1,
-        rope=_YARN,
-        max_position_embeddings=640,
       ),
       seed=64,
       description="4 layers (1 dense), 16 experts in 4 groups, widths multiples of 32 (k-quant fallbacks)",
