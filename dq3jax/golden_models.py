@@ -68,8 +68,9 @@ def outputs_of(gguf_path, tokens: np.ndarray) -> dict[str, np.ndarray]:
   return out
 
 
-def model_goldens(model: str, progress=None):
-  """Yields (relative path, bytes, manifest entry without hash) for every golden file of one model."""
+def model_goldens(model: str, progress=None, recipes: tuple[str, ...] = RECIPES):
+  """Yields (relative path, bytes, manifest entry without hash) for every golden file of one model (of the
+  given recipes)."""
   from dq3jax.convert.quantize import quantize_to_gguf  # noqa: PLC0415
   from dq3jax.convert.sources import ParamsSource  # noqa: PLC0415
   from dq3jax.io import hf_writer  # noqa: PLC0415
@@ -88,7 +89,7 @@ def model_goldens(model: str, progress=None):
     for name in ("config.json", "model.safetensors"):
       entry = base | {"kind": "model-hf", "generator": "dq3jax.io.hf_writer.save(dtype=bfloat16)"}
       yield f"{prefix}/hf/{name}", (tmp / "hf" / name).read_bytes(), entry
-    for recipe in RECIPES:
+    for recipe in recipes:
       path = tmp / f"{recipe}.gguf"
       res = quantize_to_gguf(ParamsSource(params, cfg), path, recipe, rules=RULES, layout=LAYOUT, name=model)
       types = {t.name: t.type for t in res.tensors}
