@@ -273,6 +273,9 @@ def quantize(x, qtype, *, imatrix=None) -> np.ndarray:
     _check_finite(rows_x, q.block_elems, "x")
   if rows * n == 0:
     return np.zeros((rows, q.row_bytes(n)), np.uint8)
+  if q.ggml_type in _HOST_BIT_CONVERTERS:
+    # Integer bit operations only (the same as dq3jax/quant/floats.py): exact on any machine, done on the host.
+    return _HOST_BIT_CONVERTERS[q.ggml_type](rows_x).view(np.uint8).reshape(rows, q.row_bytes(n))
   be = q.block_elems
   xb = np.ascontiguousarray(rows_x.reshape(-1, be).T)  # [be, NB], block b = row b // (n/be)
   qwb = s2b = None
@@ -282,6 +285,25 @@ def quantize(x, qtype, *, imatrix=None) -> np.ndarray:
       s2b = np.repeat(_row_sigma2(rows_x), n // be)
   out = _quantize_blocks(q, xb, qwb, s2b)
   return out.reshape(rows, q.row_bytes(n))
+
+
+def _bf16_bits_host(x: np.ndarray) -> np.ndarray:
+  """ggml's reference float32 -> bfloat16 (as floats.bf16): round to nearest even on the bits, NaN quiet."""
+  u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+  rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16  # no wrap: the largest non-NaN pattern is 0xFF800000
+  out = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, rounded)
+  return out.astype("<u2")
+
+
+_HOST_BIT_CONVERTERS = {
+  T.F32: lambda x: np.array(x, "<f4", copy=True),  # a copy: the result must not alias the caller's array
+  T.BF16: _bf16_bits_host,
+}
+_HOST_BIT_FORMATS = {
+  # float32 is stored as is; bfloat16 is the high half of a float32 (ggml_bf16_to_fp32: bits << 16).
+  T.F32: lambda raw: raw.view("<f4").astype(np.float32),
+  T.BF16: lambda raw: (raw.view("<u2").astype(np.uint32) << 16).view(np.float32),
+}
 
 
 def dequantize(data, qtype, shape) -> np.ndarray:
@@ -304,6 +326,10 @@ def dequantize(data, qtype, shape) -> np.ndarray:
         f"{q.name} data for shape {shape} must be {expected} bytes "
         f"({n_el // q.block_elems} blocks of {q.block_bytes}), got {raw.size}"
     )
+  if q.ggml_type in _HOST_BIT_FORMATS:
+    # Pure bit reinterpretations (no arithmetic, so nothing a backend could round differently): done on the
+    # host, where they cost one pass over memory instead of a padded device round trip per chunk.
+    return _HOST_BIT_FORMATS[q.ggml_type](raw).reshape(shape)
   blocks = raw.reshape(-1, q.block_bytes)
   n_blocks = blocks.shape[0]
   out = np.empty((n_blocks, q.block_elems), np.float32)
