@@ -12,8 +12,6 @@ same importance matrix) gives the same values whichever recipe asked for it, so 
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any
 
 import numpy as np
 
@@ -21,7 +19,6 @@ import dq3jax
 from dq3jax.convert.quantize import get_recipe, make_jobs, plan_for
 from dq3jax.convert.sources import WeightSource
 from dq3jax.io import gguf_layout
-from dq3jax.io.gguf_layout import Kind
 from dq3jax.io.gguf_write import TensorJob
 from dq3jax.io.imatrix import Imatrix
 from dq3jax.recipes.plan import Plan
@@ -109,23 +106,15 @@ def prepare(
 def build_params(prepared: Prepared, *, cache: TensorCache | None = None) -> dict:
   """Run the jobs and dequantize: the float32 params pytree a GGUF of this plan loads as."""
   cfg = prepared.plan.dims  # only for the layer count
-  tree: dict[str, Any] = {"layers": [{} for _ in range(cfg.n_layer)]}
-  kv_b_parts: dict[tuple[str, ...], dict[Kind, np.ndarray]] = {}
+  built = gguf_layout.ParamsBuilder(cfg.n_layer)
   for job in prepared.jobs:
     a = cache.get(job.name, job.qtype.name) if cache is not None else None
     if a is None:
       a = dq3jax.dequantize(job.produce(), job.qtype, gguf_layout.torch_shape(job.ne))  # torch layout
       if cache is not None:
         cache.put(job.name, job.qtype.name, a)
-    m = gguf_layout.mapping(job.name)
-    if m.kind in (Kind.K_B, Kind.V_B):
-      parts = kv_b_parts.setdefault(m.path, {})
-      parts[m.kind] = a
-      if len(parts) < 2:
-        continue
-      a = gguf_layout.join_kv_b(parts[Kind.K_B], parts[Kind.V_B])  # [H*(dn+dv), r], a fresh array
-    _set(tree, m.path, a)
-  return tree
+    built.add(job.name, a)
+  return built.tree
 
 
 def quantized_params(
@@ -141,10 +130,3 @@ def quantized_params(
   per-tensor info: name, type, bytes, params)."""
   prepared = prepare(source, recipe, rules=rules, layout=layout, imatrix=imatrix)
   return build_params(prepared, cache=cache), list(prepared.tensors)
-
-
-def _set(tree: dict, path: tuple[str, ...], a: np.ndarray) -> None:
-  node: Any = tree
-  for key in path[:-1]:
-    node = node[int(key)] if re.fullmatch(r"\d+", key) else node.setdefault(key, {})
-  node[path[-1]] = a

@@ -131,5 +131,30 @@ def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
   return np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, r)
 
 
+class ParamsBuilder:
+  """Assembles a params pytree from GGUF tensors (torch-layout arrays, any order): each tensor goes to its
+  mapping's leaf; the split layout's attn_k_b / attn_v_b of a layer are joined back into wkv_b once both came."""
+
+  def __init__(self, n_layers: int):
+    self.tree: dict = {"layers": [{} for _ in range(n_layers)]}
+    self._kv_b: dict[tuple[str, ...], dict[Kind, np.ndarray]] = {}
+
+  def add(self, gguf_name: str, a: np.ndarray) -> None:
+    m = mapping(gguf_name)
+    if m.kind in (Kind.K_B, Kind.V_B):
+      parts = self._kv_b.setdefault(m.path, {})
+      parts[m.kind] = a
+      if len(parts) < 2:
+        return
+      a = join_kv_b(parts.pop(Kind.K_B), parts.pop(Kind.V_B))  # [H*(dn+dv), r], a fresh array
+    self.set(m.path, a)
+
+  def set(self, path: tuple[str, ...], a: np.ndarray) -> None:
+    node = self.tree
+    for key in path[:-1]:
+      node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+    node[path[-1]] = a
+
+
 def torch_shape(ne: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(reversed(ne))

@@ -278,8 +278,7 @@ def load(
   cfg = full.truncate(layers=layers, experts=experts)
   want = gguf_layout.tensors(cfg, layout)
   e = cfg.n_routed_experts
-  tree: dict = {"layers": [{} for _ in range(cfg.num_hidden_layers)]}
-  kv_b_parts: dict[str, dict[Kind, np.ndarray]] = {}
+  built = gguf_layout.ParamsBuilder(cfg.num_hidden_layers)
   for t in tqdm(want, desc="reading", unit="tensor", disable=not progress):
     m = gguf_layout.mapping(t.name)
     fused = _fused_gate_up(f, t.name)
@@ -288,7 +287,7 @@ def load(
       _check_ne(f, fused, (t.ne[0], 2 * t.ne[1], full.n_routed_experts))
       a = f.array(fused, first_slices=e)
       half = t.ne[1]
-      _set(tree, m.path, np.ascontiguousarray(a[:, :half] if "gate" in t.name.split(".")[2] else a[:, half:]))
+      built.set(m.path, np.ascontiguousarray(a[:, :half] if "gate" in t.name.split(".")[2] else a[:, half:]))
       continue
     name = t.name
     if name == "output.weight" and name not in f.tensors and "token_embd.weight" in f.tensors:
@@ -303,14 +302,8 @@ def load(
       a = f.array(name)[:e]
     else:
       a = f.array(name)
-    if m.kind in (Kind.K_B, Kind.V_B):
-      parts = kv_b_parts.setdefault(".".join(m.path), {})
-      parts[m.kind] = a
-      if len(parts) < 2:
-        continue
-      a = gguf_layout.join_kv_b(parts[Kind.K_B], parts[Kind.V_B])
-    _set(tree, m.path, np.ascontiguousarray(a))
-  return cfg, tree
+    built.add(t.name, np.ascontiguousarray(a))
+  return cfg, built.tree
 
 
 def _fused_gate_up(f: GGUFFile, name: str) -> str | None:
@@ -341,10 +334,3 @@ def _full_ne(t, full: DeepseekV3Config) -> tuple[int, ...]:
   if m.path[-1] == "router_bias":
     return (full.n_routed_experts,)
   return t.ne
-
-
-def _set(tree: dict, path: tuple[str, ...], a: np.ndarray) -> None:
-  node: Any = tree
-  for key in path[:-1]:
-    node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
-  node[path[-1]] = a
