@@ -569,6 +569,9 @@ def run(gguf_path, tokens, n_prefill: int, settings: Settings = Settings(), *, i
     model.close()
   meta = (
     dataclasses.asdict(settings)
+    # With flash attention llama.cpp casts F32 K and V to F16 before ggml_flash_attn_ext (llama-graph.cpp
+    # build_attn_mha), so the attention then sees an F16 cache whatever kv_cache says (bit-identical runs).
+    | {"kv_effective": "f16" if settings.flash_attn else settings.kv_cache}
     | {"intermediates": intermediates, "use_extra_bufts": False, "model_buffers": list(bufs)}
     | versions()
   )
