@@ -558,7 +558,7 @@ def versions() -> dict:
 
 
 def run(gguf_path, tokens, n_prefill: int, settings: Settings = Settings(), *, intermediates: bool = True):
-  """Everything a dump holds: {logits, decode_logits, blk.* intermediates, meta.llama_cpp}."""
+  """Everything a dump holds: {tokens, logits, decode_logits, blk.* intermediates, meta.llama_cpp}."""
   _backend()
   model = load_model(gguf_path)
   try:
@@ -575,7 +575,13 @@ def run(gguf_path, tokens, n_prefill: int, settings: Settings = Settings(), *, i
     | {"intermediates": intermediates, "use_extra_bufts": False, "model_buffers": list(bufs)}
     | versions()
   )
-  return {"logits": logits, "decode_logits": dec, **inter, "meta.llama_cpp": np.array(json.dumps(meta))}
+  return {
+    "tokens": np.asarray(tokens, np.int32),  # diff checks them against the golden's
+    "logits": logits,
+    "decode_logits": dec,
+    **inter,
+    "meta.llama_cpp": np.array(json.dumps(meta)),
+  }
 
 
 def write_npz(out_path, arrays: dict[str, np.ndarray]) -> None:

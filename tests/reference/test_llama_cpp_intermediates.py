@@ -55,7 +55,7 @@ def f32_run(golden):
 def _expected_shapes(golden_tensors, cfg):
   t = golden_tensors["tokens"].shape[0]
   p = cfg["prefill"]
-  want = {"logits": (t, cfg["vocab"]), "decode_logits": (t - p, cfg["vocab"])}
+  want = {"tokens": (t,), "logits": (t, cfg["vocab"]), "decode_logits": (t - p, cfg["vocab"])}
   for i in range(cfg["layers"]):
     want[f"blk.{i}.attn_latent"] = (t, cfg["r"])
     want[f"blk.{i}.hidden_after_attn"] = want[f"blk.{i}.hidden_after_mlp"] = (t, cfg["d"])
@@ -89,7 +89,9 @@ def test_every_golden_tensor_matches_with_f32_kv(golden, f32_run, shapes):
     if name.startswith("meta.") or name not in g:
       continue
     compared += 1
-    if name.endswith("topk_ids"):
+    if name == "tokens":
+      np.testing.assert_array_equal(a, g[name])
+    elif name.endswith("topk_ids"):
       # Same experts in the same (descending biased score) order as the golden.
       np.testing.assert_array_equal(a, g[name], err_msg=name)
       assert a.dtype == np.int32
@@ -176,7 +178,7 @@ def test_dump_writes_what_diff_reads(tmp_path, golden):
   out = tmp_path / "cand.npz"
   R.dump(GGUF, OUTPUTS, out, R.Settings(kv_cache="f32"), intermediates=False)
   d = dumps.load(out)
-  assert set(d.tensors) == {"logits", "decode_logits"}
+  assert set(d.tensors) == {"tokens", "logits", "decode_logits"}
   assert json.loads(d.metadata["llama_cpp"])["kv_cache"] == "f32"
   z = np.load(out)
   assert z["meta.llama_cpp"].dtype.kind == "U" and z["meta.llama_cpp"].shape == ()
