@@ -28,8 +28,12 @@ are in ggml-cpu/arch/x86, the table's `from_float` points at them):
 Q8_1 also stores s = fp16(d * sum(q)), which vec_dot_q4_1_q8_1 uses for the weight's offset term; the round
 trip returns d * q, so Q4_1/Q5_1 weights are emulated up to that fp16 rounding of s.
 
-Matmuls between activations (attention's kq and kqv) use the KV cache type's vec_dot_type; with the F32 cache
-our comparisons use (type_k = type_v = F32, no flash attention) they are plain float32, so nothing applies.
+Matmuls between activations (attention's kq and kqv) use the KV cache type's vec_dot_type: with an F32 cache
+(type_k = type_v = F32, no flash attention) they are plain float32, so nothing applies; llama.cpp's default
+F16 cache rounds the cache and both attention activations to fp16 (mla.py, kv_cache="f16", via `rounded`).
+
+In float64 (the goldens' mode) an activation is rounded to float32 once and then quantized by the same
+float32 code; `rounded` also counts the undecided points of that rounding (dq3jax.model.undecided).
 
 `ActQuant` records, per weight, the ggml type it is stored in; `act_quant_from_gguf` reads it from a file. The
 model threads it through its layers as `aq` (scoped to the current params subtree with `scope`) and calls
@@ -49,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dq3jax.model import undecided
 from dq3jax.quant._arith import f16_bits_to_f32_bits, f32_bits_to_f16_bits
 
 # ggml-cpu.c type_traits_cpu[weight type].vec_dot_type, for the weight types dq3jax reads.
@@ -69,6 +74,8 @@ VEC_DOT_TYPE: Mapping[str, str] = {
 }
 
 LAYOUTS = ("split", "kv_b")
+# One weight type per vec_dot_type (ActQuant.relative).
+_REPRESENTATIVE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q8_1": "Q4_1", "Q8_K": "Q4_K"}
 
 
 def vec_dot_type(weight_type: str) -> str:
@@ -157,7 +164,12 @@ def bf16(x: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(h << 16, jnp.float32)
 
 
-_ROUND_TRIPS = {"Q8_0": q8_0, "Q8_1": q8_1, "Q8_K": q8_k, "F16": f16, "BF16": bf16}
+# Jitted so that a model trace records each round trip once per shape instead of re-tracing its ~50 integer
+# ops at every matmul (XLA inlines them; results are the same).
+_ROUND_TRIPS = {
+  k: jax.jit(fn) for k, fn in {"Q8_0": q8_0, "Q8_1": q8_1, "Q8_K": q8_k, "F16": f16, "BF16": bf16}.items()
+}
+_BLOCK = {"Q8_0": 32, "Q8_1": 32, "Q8_K": 256}  # elements sharing a scale
 
 
 def round_trip(x: jax.Array, act_type: str) -> jax.Array:
@@ -230,6 +242,15 @@ class ActQuant:
     """The same mapping with lookups relative to prefix + keys."""
     return dataclasses.replace(self, prefix=(*self.prefix, *keys))
 
+  def relative(self, *keys: str) -> ActQuant:
+    """The part of the mapping under params path `keys`, with paths relative to it and each weight type
+    replaced by one representative of its vec_dot_type: the emulation only depends on the latter, so
+    layers and recipes with the same activation types give equal (hashable) mappings, and a jitted
+    function keyed on them compiles once for all of them."""
+    n = len(keys)
+    rel = {p[n:]: _REPRESENTATIVE[vec_dot_type(t)] for p, t in self.weights if p[:n] == keys}
+    return ActQuant(weights=tuple(sorted(rel.items())), layout=self.layout)
+
   def weight_type(self, key: str | Path) -> str:
     """ggml type of a weight: a GGUF tensor name (absolute) or a params path relative to `prefix`."""
     if isinstance(key, str):
@@ -254,10 +275,33 @@ class ActQuant:
 
 def apply(aq: ActQuant | None, x: jax.Array, *name: str) -> jax.Array:
   """x [..., n] as llama.cpp's CPU backend presents it to weight `name` (relative to aq's prefix); x itself
-  when aq is None."""
+  when aq is None. A float64 x is rounded to float32 once (llama.cpp's activations are float32), run
+  through the float32 quantizer and returned as float64; under an undecided.Tally the rows whose quantized
+  values another float64 evaluation order could change are counted (kind "act.<params path>")."""
   if aq is None:
     return x
-  return round_trip(x, aq.act_type(name))
+  path = (*aq.prefix, *name)
+  kind = "act." + ".".join(path[2:] if path[:1] == ("layers",) else path)
+  return rounded(x, aq.act_type(name), kind)
+
+
+def rounded(x: jax.Array, act_type: str, kind: str, positions: jax.Array | None = None) -> jax.Array:
+  """round_trip(x, act_type), recording undecided points under `kind` (module undecided) for float64 x.
+
+  A float64 value near a float32 rounding midpoint is undecided only if its other float32 neighbour would
+  change what the quantizer makes of it; so the round trip runs a second time with every such element
+  flipped, and each quantization block (element, for F16/BF16) whose output changes counts as one point.
+  positions: the tokens of x's second axis when they are not the pass's query tokens (undecided.Tally.add).
+  """
+  if act_type == "F32" or x.dtype != jnp.float64 or undecided.active() is None:
+    return round_trip(x, act_type)
+  near, alt = undecided.f32_alternative(x)
+  both = _ROUND_TRIPS[act_type](jnp.stack([near, alt]))  # one quantizer instance for both
+  changed = both[0] != both[1]  # [..., n]
+  block = _BLOCK.get(act_type, 1)
+  per_block = changed.reshape(*changed.shape[:-1], -1, block).any(-1)  # [..., n / block]
+  undecided.record(kind, per_block, positions)
+  return both[0].astype(x.dtype)
 
 
 def scope(aq: ActQuant | None, *keys: str) -> ActQuant | None:

@@ -10,6 +10,16 @@ k_pe [B, S, dr]. Both forms read the same cache, so prefill and decode may use e
 backend does. llama.cpp runs the split layout absorbed: q_nope [T, H, dn] meets attn_k_b per head and the
 latent attention output [T, H, r] meets attn_v_b per head; the kv_b layout expanded: the latent c meets wkv_b.
 The attention products themselves (scores, probs x values) run on the F32 cache in float32 there too.
+
+`kv_cache="f16"` emulates llama.cpp's default F16 KV cache (type_k = type_v = F16, no flash attention,
+llama-graph.cpp build_attn_mha): the cache stores fp16 values, and ggml's CPU mul_mat converts the F32
+activation meeting an F16 src0 to fp16 (vec_dot_type of F16), so the query meeting K and the softmax
+probabilities meeting V are fp16 too. Absorbed (llama.cpp's MLA graph for split-layout files): the cache row
+is [c | k_pe] (K) and V is a view of its c part; the query row is [q_nope absorbed by k_b | q_pe]. Expanded
+(kv_b-layout files): the cache holds each head's keys [k_nope | k_pe] and values, the query [q_nope | q_pe].
+The current tokens are rounded as well, because llama.cpp writes them into the cache first and attends over
+the cache view. The products then sum exact fp16 x fp16 products (in float32 there; here in the compute
+dtype).
 """
 
 from __future__ import annotations
@@ -20,9 +30,17 @@ import jax
 import jax.numpy as jnp
 
 from dq3jax.model import rope
-from dq3jax.model.act_quant import ActQuant, apply
+from dq3jax.model.act_quant import ActQuant, apply, rounded
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.layers import einsum, linear, rms_norm, upcast_dtype
+
+KV_CACHES = ("f32", "f16")
+
+
+def _kv(x: jax.Array, kv_cache: str, kind: str, positions: jax.Array | None = None) -> jax.Array:
+  """x as it meets the other operand of an attention product under the cache type (F32: itself);
+  positions: those of x's token axis when x holds cache rows [B, S, ...] rather than the queries."""
+  return x if kv_cache == "f32" else rounded(x, "F16", kind, positions)
 
 
 class AttnForm(enum.Enum):
@@ -56,6 +74,13 @@ def _softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
   return jax.nn.softmax(s, axis=-1).astype(dtype)
 
 
+def _probs(probs: jax.Array, kv_cache: str) -> jax.Array:
+  """Softmax probabilities [B, H, T, S] as they meet V: fp16 under an F16 cache (counted per query token)."""
+  if kv_cache == "f32":
+    return probs
+  return jnp.swapaxes(_kv(jnp.swapaxes(probs, 1, 2), kv_cache, "kv.probs"), 1, 2)  # via [B, T, H, S]
+
+
 def attention(
   p: dict,
   x: jax.Array,
@@ -69,12 +94,15 @@ def attention(
   k_positions: jax.Array,
   form: AttnForm = AttnForm.EXPANDED,
   aq: ActQuant | None = None,
+  kv_cache: str = "f32",
 ) -> jax.Array:
   """MLA output [B, T, d] for queries x [B, T, d] over keys given as latents c [B, S, r], k_pe [B, S, dr].
 
   A key at position s is visible to a query at position t iff s <= t (causal; cache slots not yet written
-  sit at positions beyond every query).
+  sit at positions beyond every query). kv_cache: "f32" or "f16" (module doc).
   """
+  if kv_cache not in KV_CACHES:
+    raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
   h, dn, dv, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
   q = _queries(p, x, cfg, aq)
   q_nope = q[..., :dn]  # [B, T, H, dn]
@@ -91,14 +119,19 @@ def attention(
     k = jnp.concatenate(
       [k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))], -1
     )
-    q_full = jnp.concatenate([q_nope, q_pe], axis=-1)
+    # [B, S, H, *]: what the cache holds per token
+    k, v = _kv(k, kv_cache, "kv.k", k_positions), _kv(v, kv_cache, "kv.v", k_positions)
+    q_full = _kv(jnp.concatenate([q_nope, q_pe], axis=-1), kv_cache, "kv.q")
     scores = einsum("bthk,bshk->bhts", q_full, k) * cfg.softmax_scale
-    probs = _softmax(scores, mask, dtype)  # [B, H, T, S]
+    probs = _probs(_softmax(scores, mask, dtype), kv_cache)  # [B, H, T, S]
     o = einsum("bhts,bshv->bthv", probs, v)
   else:
     q_lat = einsum("bthk,hkr->bthr", apply(aq, q_nope, "wkv_b", "k_b"), w_k)  # [B, T, H, r]
+    # The cache row [c | k_pe].
+    c, k_pe = _kv(c, kv_cache, "kv.c", k_positions), _kv(k_pe, kv_cache, "kv.k_pe", k_positions)
+    q_lat, q_pe = _kv(q_lat, kv_cache, "kv.q"), _kv(q_pe, kv_cache, "kv.q")  # the query row [q_lat | q_pe]
     scores = (einsum("bthr,bsr->bhts", q_lat, c) + einsum("bthe,bse->bhts", q_pe, k_pe)) * cfg.softmax_scale
-    probs = _softmax(scores, mask, dtype)
+    probs = _probs(_softmax(scores, mask, dtype), kv_cache)
     o_lat = einsum("bhts,bsr->bthr", probs, c)  # [B, T, H, r]
     o = einsum("bthr,hvr->bthv", apply(aq, o_lat, "wkv_b", "v_b"), w_v)
   return linear(apply(aq, o.reshape(*o.shape[:2], h * dv), "wo"), p["wo"])

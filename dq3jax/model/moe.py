@@ -10,37 +10,87 @@ SwiGLU output before its w_down; the router's input only if the router is not F3
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from dq3jax.model import undecided
 from dq3jax.model.act_quant import ActQuant, apply, scope
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.layers import einsum, linear, swiglu, upcast_dtype
 
 
-def route(
-  p: dict, x: jax.Array, cfg: DeepseekV3Config, aq: ActQuant | None = None
-) -> tuple[jax.Array, jax.Array]:
-  """noaux_tc routing of tokens x [N, d] -> (expert ids [N, K] int32, weights [N, K]).
+class Routing(NamedTuple):
+  ids: jax.Array  # [N, K] int32, descending biased score
+  weights: jax.Array  # [N, K]: unbiased scores of ids, normalised if norm_topk_prob, times the scaling factor
+  choice: jax.Array  # [N, E]: the biased selection score sigmoid(router x) + bias, before group masking
+  masked: jax.Array  # [N, E]: choice with the experts of unselected groups at -inf (what top-k runs over)
+  group_score: jax.Array | None  # [N, G]: sum of each group's two best choices (None without groups)
+  forced: jax.Array  # [N] bool: the row's ids came from an override
 
-  Runs in float32 (float64 in x64 mode) whatever the model dtype, as transformers does. The bias only
-  steers selection; weights come from the unbiased sigmoid scores. Ids are in descending biased score.
-  """
+
+def routing(
+  p: dict, x: jax.Array, cfg: DeepseekV3Config, aq: ActQuant | None = None, override: jax.Array | None = None
+) -> Routing:
+  """noaux_tc routing of tokens x [N, d] (see `route`); override [N, K] int32 or None: rows whose entries
+  are >= 0 take those expert ids instead of the model's choice (rows of -1 keep it; runner.logits checks
+  that a row is all -1 or K distinct valid ids). Forced ids are put in descending biased score (lower id
+  first on ties, as top-k orders its own) and weighted exactly as selected ids are, so forcing the model's
+  own choice changes nothing, bit for bit."""
   f = upcast_dtype(x.dtype)
   scores = jax.nn.sigmoid(linear(apply(aq, x.astype(f), "router"), p["router"].astype(f)))  # [N, E]
   choice = scores + p["router_bias"].astype(f) if cfg.use_router_bias else scores
+  masked, group_score = choice, None
   if cfg.n_group > 1:
     n = choice.shape[0]
     grouped = choice.reshape(n, cfg.n_group, cfg.experts_per_group)
     group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]: sum of each group's two best
     kept = jax.lax.top_k(group_score, cfg.topk_group)[1]  # [N, topk_group]
     keep = jnp.zeros((n, cfg.n_group), bool).at[jnp.arange(n)[:, None], kept].set(True)
-    choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, -1)
-  ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)[1]  # [N, K]
+    masked = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, -1)
+  ids = jax.lax.top_k(masked, cfg.num_experts_per_tok)[1].astype(jnp.int32)  # [N, K]
+  forced = jnp.zeros(ids.shape[:1], bool)
+  if override is not None:
+    forced = override[:, 0] >= 0  # [N]
+    want = jnp.where(override >= 0, override, 0).astype(jnp.int32)
+    # Sort by (descending biased score, ascending id): top-k's own order.
+    order = jnp.lexsort((want, -jnp.take_along_axis(choice, want, axis=-1)), axis=-1)
+    ids = jnp.where(forced[:, None], jnp.take_along_axis(want, order, axis=-1), ids)
   weights = jnp.take_along_axis(scores, ids, axis=-1)
   if cfg.norm_topk_prob:
     weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)  # transformers' epsilon
-  return ids.astype(jnp.int32), weights * cfg.routed_scaling_factor
+  return Routing(ids, weights * cfg.routed_scaling_factor, choice, masked, group_score, forced)
+
+
+def undecided_choices(r: Routing, cfg: DeepseekV3Config) -> dict[str, jax.Array]:
+  """Per token [N] bool, the decisions a reordered float64 evaluation could take differently (module
+  undecided): "router.topk" (the K-th best masked score against the next), "router.group" (the
+  topk_group-th group score against the next) and "router.order" (two selected experts' order, which only
+  the recorded topk_ids/topk_weights show). Forced rows decide nothing."""
+  k = cfg.num_experts_per_tok
+  top = jax.lax.top_k(r.masked, min(k + 1, r.masked.shape[-1]))[0]  # [N, K+1] descending
+  out = {"router.order": undecided.gap_undecided(top[:, : k - 1], top[:, 1:k]).any(-1)}
+  out["router.topk"] = (
+    undecided.gap_undecided(top[:, k - 1], top[:, k]) if top.shape[-1] > k else jnp.zeros(top.shape[:1], bool)
+  )
+  if r.group_score is not None and cfg.topk_group < cfg.n_group:
+    g = jax.lax.top_k(r.group_score, cfg.topk_group + 1)[0]
+    out["router.group"] = undecided.gap_undecided(g[:, -2], g[:, -1])
+  return {name: flags & ~r.forced for name, flags in out.items()}
+
+
+def route(
+  p: dict, x: jax.Array, cfg: DeepseekV3Config, aq: ActQuant | None = None, override: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """noaux_tc routing of tokens x [N, d] -> (expert ids [N, K] int32, weights [N, K]).
+
+  Runs in float32 (float64 in x64 mode) whatever the model dtype, as transformers does. The bias only
+  steers selection; weights come from the unbiased sigmoid scores. Ids are in descending biased score.
+  override: see `routing`.
+  """
+  r = routing(p, x, cfg, aq, override)
+  return r.ids, r.weights
 
 
 def routed_experts(
@@ -66,10 +116,25 @@ def moe(
   p: dict, x: jax.Array, cfg: DeepseekV3Config, aq: ActQuant | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """x [B, T, d] -> (y [B, T, d], ids [B, T, K], weights [B, T, K])."""
+  y, r = moe_layer(p, x, cfg, aq)
+  k = cfg.num_experts_per_tok
+  return y, r.ids.reshape(*x.shape[:-1], k), r.weights.reshape(*x.shape[:-1], k)
+
+
+def moe_layer(
+  p: dict,
+  x: jax.Array,
+  cfg: DeepseekV3Config,
+  aq: ActQuant | None = None,
+  override: jax.Array | None = None,
+) -> tuple[jax.Array, Routing]:
+  """x [B, T, d] -> (y [B, T, d], the Routing of its B * T tokens, flattened). override: [B, T, K] or None
+  (see `routing`)."""
   flat = x.reshape(-1, x.shape[-1])
-  ids, weights = route(p, flat, cfg, aq)
-  y = routed_experts(p["experts"], flat, ids, weights, scope(aq, "experts"))
+  if override is not None:
+    override = override.reshape(flat.shape[0], -1)
+  r = routing(p, flat, cfg, aq, override)
+  y = routed_experts(p["experts"], flat, r.ids, r.weights, scope(aq, "experts"))
   if "shared" in p:
     y = y + swiglu(p["shared"], flat, scope(aq, "shared"))
-  k = cfg.num_experts_per_tok
-  return y.reshape(x.shape), ids.reshape(*x.shape[:-1], k), weights.reshape(*x.shape[:-1], k)
+  return y.reshape(x.shape), r

@@ -4,14 +4,20 @@ float64 turns on JAX's x64 mode only inside the call (`jax.enable_x64` as a cont
 global changes. Results come back as numpy arrays.
 
 `act_quant` (dq3jax.model.act_quant.ActQuant, e.g. `act_quant_from_gguf(path)`) emulates llama.cpp's CPU
-activation quantization; llama.cpp computes in float32 and runs the split layout absorbed and the kv_b layout
-expanded, so it requires float32 and picks that attention form unless one is given (a contrary one is an
-error). Without it every result is what it was before the option existed, bit for bit.
+activation quantization. llama.cpp computes in float32; in float64 each quantized activation is rounded to
+float32 once, quantized exactly as in float32, and continues as float64 (the goldens' mode: everything else
+stays float64, so the result is the exact model up to llama.cpp's own roundings). llama.cpp runs the split
+layout absorbed and the kv_b layout expanded, so act_quant picks that attention form unless one is given (a
+contrary one is an error). `kv_cache="f16"` adds llama.cpp's default F16 KV cache (mla.py). Without these
+options every result is what it was before they existed, bit for bit.
+
+`evaluate` is `logits` / `incremental_logits` that also counts undecided points (undecided.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import functools
 
@@ -19,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dq3jax.model import transformer
+from dq3jax.model import mla, transformer
+from dq3jax.model import undecided as undecided_mod
 from dq3jax.model.act_quant import ActQuant
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.mla import AttnForm
@@ -51,10 +58,20 @@ def cast_params(params: dict, dtype: Dtype) -> dict:
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "form", "intermediates", "act_quant"))
-def _forward(params, tokens, cache, cfg, form, intermediates, act_quant=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "form", "intermediates", "act_quant", "kv_cache"))
+def _forward(
+  params, tokens, cache, cfg, form, intermediates, act_quant=None, kv_cache="f32", route_override=None
+):
   return transformer.forward(
-    params, tokens, cfg, cache=cache, form=form, intermediates=intermediates, act_quant=act_quant
+    params,
+    tokens,
+    cfg,
+    cache=cache,
+    form=form,
+    intermediates=intermediates,
+    act_quant=act_quant,
+    kv_cache=kv_cache,
+    route_override=route_override,
   )
 
 
@@ -62,10 +79,8 @@ def _form(form: AttnForm | None, act_quant: ActQuant | None, dtype: Dtype, defau
   """The attention form to run: as given, else llama.cpp's for act_quant's layout, else `default`."""
   if act_quant is None:
     return default if form is None else form
-  if dtype is not Dtype.FLOAT32:
-    raise ValueError(
-      f"act_quant emulates llama.cpp's float32 activations; dtype must be float32, not {dtype.value}"
-    )
+  if dtype is Dtype.BFLOAT16:
+    raise ValueError("act_quant emulates llama.cpp's float32 activations; dtype must be float32 or float64")
   want = AttnForm(act_quant.attn_form_name)
   if form is not None and form is not want:
     raise ValueError(
@@ -75,8 +90,164 @@ def _form(form: AttnForm | None, act_quant: ActQuant | None, dtype: Dtype, defau
   return want
 
 
+def _check_kv_cache(kv_cache: str) -> str:
+  if kv_cache not in mla.KV_CACHES:
+    raise ValueError(f"kv_cache must be one of {', '.join(mla.KV_CACHES)}, got {kv_cache!r}")
+  return kv_cache
+
+
+def route_overrides(route_override, cfg: DeepseekV3Config, batch: int, t: int) -> tuple | None:
+  """Checked route_override as a tuple over layers of None or int32 [B, T, K] (None if nothing is forced).
+
+  Accepted: a sequence of num_hidden_layers entries or a {layer: array} mapping; an entry is None or
+  [B, T, K] expert ids, each token's row either all -1 (the model's own choice) or K distinct ids in
+  [0, E). Dense layers take None."""
+  if route_override is None:
+    return None
+  n = cfg.num_hidden_layers
+  if isinstance(route_override, dict):
+    bad = [k for k in route_override if not (isinstance(k, int) and 0 <= k < n)]
+    if bad:
+      raise ValueError(f"route_override: layer keys {bad} are not in 0..{n - 1}")
+    route_override = [route_override.get(i) for i in range(n)]
+  if len(route_override) != n:
+    raise ValueError(f"route_override: {len(route_override)} entries, the model has {n} layers")
+  k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
+  out = []
+  for i, ov in enumerate(route_override):
+    if ov is None:
+      out.append(None)
+      continue
+    if not cfg.is_moe_layer(i):
+      raise ValueError(f"route_override[{i}]: layer {i} is dense")
+    ov = np.asarray(ov)
+    if ov.shape != (batch, t, k) or not np.issubdtype(ov.dtype, np.integer):
+      raise ValueError(
+        f"route_override[{i}]: want integer [{batch}, {t}, {k}], got {ov.dtype} {list(ov.shape)}"
+      )
+    keep = (ov == -1).all(-1)
+    ok = (ov >= 0).all(-1) & (ov < e).all(-1)
+    ok &= (np.sort(ov, -1)[..., 1:] != np.sort(ov, -1)[..., :-1]).all(-1)
+    bad = np.argwhere(~(keep | ok))
+    if len(bad):
+      at = tuple(int(v) for v in bad[0])
+      raise ValueError(
+        f"route_override[{i}]: row (batch, token) {at} = {ov[at].tolist()} "
+        f"is neither all -1 nor {k} distinct expert ids in [0, {e})"
+      )
+    out.append(ov.astype(np.int32))
+  return tuple(out) if any(ov is not None for ov in out) else None
+
+
+def _slice_override(ov: tuple | None, lo: int, hi: int) -> tuple | None:
+  return None if ov is None else tuple(None if a is None else jnp.asarray(a[:, lo:hi]) for a in ov)
+
+
 def _to_numpy(tree):
   return jax.tree_util.tree_map(np.asarray, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """What `evaluate` returns (numpy, in its dtype). Undecided counts: kind -> int [B, T] points per token
+  position (module undecided), kinds such as "blk.1.act.attn.wq_b", "blk.1.kv.probs", "blk.2.router.topk",
+  "output.act.lm_head"."""
+
+  logits: np.ndarray  # [B, T, V]: one pass over all T tokens
+  intermediates: list  # per layer, that pass's transformer.Output intermediates
+  undecided: dict  # that pass's undecided points
+  decode_logits: np.ndarray | None = None  # [B, T - P, V]: positions P.. decoded one token at a time
+  decode_undecided: dict | None = None  # the decode steps' undecided points (positions P..)
+
+
+def evaluate(
+  params: dict,
+  tokens,
+  cfg: DeepseekV3Config,
+  *,
+  decode_from: int | None = None,
+  dtype: Dtype | str = Dtype.FLOAT64,
+  form: AttnForm | None = None,
+  act_quant: ActQuant | None = None,
+  kv_cache: str = "f32",
+  route_override=None,
+) -> Evaluation:
+  """One pass over tokens [B, T] with its intermediates and undecided points (float64 by default: the
+  goldens' mode); with decode_from=P also the logits of positions P..T-1 decoded one token at a time
+  through the latent KV cache, continuing that pass's cache cut to its first P tokens, which is what a
+  prefill of P tokens leaves (attention is causal). form: as for `logits`.
+
+  The layers run as separately jitted functions, keyed on the layer's activation types only
+  (ActQuant.relative), so recipes and layers with the same types share one compilation; the numbers are
+  those of `logits` up to float64 evaluation order.
+  """
+  dtype = Dtype(dtype)
+  form = _form(form, act_quant, dtype, AttnForm.EXPANDED)
+  kv_cache = _check_kv_cache(kv_cache)
+  tokens = np.asarray(tokens)
+  b, t = tokens.shape
+  ov = route_overrides(route_override, cfg, b, t)
+  with scope(dtype):
+    p = cast_params(params, dtype)
+    n = len(p["layers"])
+    aqs = [None if act_quant is None else act_quant.relative("layers", str(i)) for i in range(n)]
+    head_aq = None if act_quant is None else _only(act_quant.relative(), ("lm_head",))
+    head_p = {"norm": p["norm"], "lm_head": p["lm_head"]}
+
+    def run(lo, hi, cache):
+      q_positions = jnp.arange(lo, hi, dtype=jnp.int32)
+      h, rope_cs = transformer.embed(p, jnp.asarray(tokens[:, lo:hi], jnp.int32), cfg, q_positions)
+      counts, records, layers = {}, [], []
+      for i, lp in enumerate(p["layers"]):
+        override = None if ov is None or ov[i] is None else jnp.asarray(ov[i][:, lo:hi])
+        h, record, stored, c = _layer_step(
+          lp, h, rope_cs, q_positions, cache["layers"][i], override,
+          cfg=cfg, moe_layer=cfg.is_moe_layer(i), form=form, aq=aqs[i], kv_cache=kv_cache,
+        )  # fmt: skip
+        counts.update({f"blk.{i}.{k}": v for k, v in c.items()})
+        records.append(record)
+        layers.append(stored)
+      logits_, c = _head_step(head_p, h, q_positions, t, cfg=cfg, aq=head_aq)
+      counts.update({f"output.{k}": v for k, v in c.items()})
+      return logits_, records, {"layers": layers, "length": jnp.asarray(hi, jnp.int32)}, counts
+
+    logits_, records, cache, counts = run(0, t, transformer.init_cache(cfg, b, t, dtype.jnp))
+    out = Evaluation(np.asarray(logits_), _to_numpy(records), _to_numpy(counts))
+    if decode_from is None:
+      return out
+    steps, step_counts = [], {}
+    for k in range(decode_from, t):
+      step, _, cache, c = run(k, k + 1, cache)
+      steps.append(np.asarray(step))
+      for kind, v in c.items():
+        step_counts[kind] = step_counts.get(kind, 0) + np.asarray(v)
+    empty = np.zeros((b, 0, out.logits.shape[-1]), out.logits.dtype)
+    decode = np.concatenate(steps, axis=1) if steps else empty
+    return dataclasses.replace(out, decode_logits=decode, decode_undecided=step_counts)
+
+
+def _only(aq: ActQuant, *paths) -> ActQuant:
+  return ActQuant(weights=tuple(w for w in aq.weights if w[0] in paths), layout=aq.layout)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_layer", "form", "aq", "kv_cache"))
+def _layer_step(lp, h, rope_cs, q_positions, cache_layer, override, *, cfg, moe_layer, form, aq, kv_cache):
+  """transformer.decoder_layer over the cache, with its undecided counts (kinds without the layer prefix)."""
+  tally = undecided_mod.Tally(h.shape[0], q_positions, cache_layer["c"].shape[1])
+  with undecided_mod.collecting(tally):
+    h, record, stored = transformer.decoder_layer(
+      lp, h, cfg, moe_layer=moe_layer, rope_cs=rope_cs, q_positions=q_positions, start=q_positions[0],
+      cache_layer=cache_layer, form=form, aq=aq, kv_cache=kv_cache, override=override,
+    )  # fmt: skip
+  return h, record, stored, tally.counts
+
+
+@functools.partial(jax.jit, static_argnames=("size", "cfg", "aq"))
+def _head_step(head_p, h, q_positions, size, *, cfg, aq):
+  tally = undecided_mod.Tally(h.shape[0], q_positions, size)
+  with undecided_mod.collecting(tally):
+    logits_ = transformer.head(head_p, h, cfg, aq)
+  return logits_, tally.counts
 
 
 def logits(
@@ -89,19 +260,25 @@ def logits(
   intermediates: bool = False,
   mesh: jax.sharding.Mesh | None = None,
   act_quant: ActQuant | None = None,
+  kv_cache: str = "f32",
+  route_override=None,
 ):
   """Full-sequence logits [B, T, V] (numpy, in `dtype`) for tokens [B, T]; with intermediates=True returns
   (logits, per-layer list of dicts, see transformer.Output). mesh: routed experts sharded over its first axis.
-  form: EXPANDED unless given or implied by act_quant (module doc)."""
+  form: EXPANDED unless given or implied by act_quant (module doc). kv_cache: "f32" or "f16" (llama.cpp's
+  F16 KV cache, mla.py). route_override: forced expert ids per MoE layer (`route_overrides`)."""
   dtype = Dtype(dtype)
   form = _form(form, act_quant, dtype, AttnForm.EXPANDED)
+  tokens = np.asarray(tokens)
+  ov = _slice_override(route_overrides(route_override, cfg, *tokens.shape), 0, tokens.shape[1])
   with scope(dtype):
     p = cast_params(params, dtype)
     if mesh is not None:
       from dq3jax.model.sharding import shard_params
 
       p = shard_params(p, cfg, mesh)
-    out = _forward(p, jnp.asarray(tokens, jnp.int32), None, cfg, form, intermediates, act_quant)
+    kv_cache = _check_kv_cache(kv_cache)
+    out = _forward(p, jnp.asarray(tokens, jnp.int32), None, cfg, form, intermediates, act_quant, kv_cache, ov)
     if intermediates:
       return _to_numpy(out.logits), _to_numpy(out.intermediates)
     return _to_numpy(out.logits)
@@ -116,23 +293,28 @@ def incremental_logits(
   dtype: Dtype | str = Dtype.FLOAT32,
   form: AttnForm | None = None,
   act_quant: ActQuant | None = None,
+  kv_cache: str = "f32",
+  route_override=None,
 ) -> np.ndarray:
   """Logits [B, T, V] computed as one prefill of the first `prefill` tokens, then one token at a time
   through the latent KV cache. Equals `logits(...)` up to rounding. form: ABSORBED unless given or implied
-  by act_quant (module doc)."""
+  by act_quant (module doc); kv_cache and route_override as for `logits`."""
   dtype = Dtype(dtype)
   form = _form(form, act_quant, dtype, AttnForm.ABSORBED)
+  kv_cache = _check_kv_cache(kv_cache)
   tokens = np.asarray(tokens)
   b, t = tokens.shape
+  ov = route_overrides(route_override, cfg, b, t)
   with scope(dtype):
     p = cast_params(params, dtype)
     cache = transformer.init_cache(cfg, b, t, dtype.jnp)
-    chunks = [tokens[:, :prefill]] + [tokens[:, i : i + 1] for i in range(prefill, t)]
+    bounds = [(0, prefill)] + [(i, i + 1) for i in range(prefill, t)]
     outs = []
-    for chunk in chunks:
-      if chunk.shape[1] == 0:
+    for lo, hi in bounds:
+      if hi <= lo:
         continue
-      out = _forward(p, jnp.asarray(chunk, jnp.int32), cache, cfg, form, False, act_quant)
+      chunk = jnp.asarray(tokens[:, lo:hi], jnp.int32)
+      out = _forward(p, chunk, cache, cfg, form, False, act_quant, kv_cache, _slice_override(ov, lo, hi))
       cache = out.cache
       outs.append(np.asarray(out.logits))
     return np.concatenate(outs, axis=1)

@@ -242,10 +242,41 @@ def test_rounding_changes_logits_slightly_and_runner_checks_its_use(tiny):
   emu = runner.logits(params, tokens, cfg, act_quant=aq)
   rel = np.abs(emu - plain).max() / np.abs(plain).max()
   assert 1e-5 < rel < 3e-2, rel  # bf16 activations: ~2^-9 relative per product, averaged over the sums
-  with pytest.raises(ValueError, match="float32"):
-    runner.logits(params, tokens, cfg, dtype="float64", act_quant=aq)
+  with pytest.raises(ValueError, match="float32 or float64"):
+    runner.logits(params, tokens, cfg, dtype="bfloat16", act_quant=aq)
   with pytest.raises(ValueError, match="absorbed"):
     runner.logits(params, tokens, cfg, form=AttnForm.EXPANDED, act_quant=aq)
+  with pytest.raises(ValueError, match="absorbed"):
+    runner.logits(params, tokens, cfg, dtype="float64", form=AttnForm.EXPANDED, act_quant=aq)
+
+
+@pytest.mark.parametrize("act_type", ["Q8_0", "Q8_K", "F16", "BF16"])
+def test_float64_round_trip_is_the_float32_one_of_the_rounded_input(act_type):
+  # float64 mode: the activation is rounded to float32 once and quantized by the same float32 code, bit for
+  # bit, whatever x64 does to the quantizer's integer and scalar constants.
+  x = _inputs(3)
+  x64 = x.astype(np.float64) * (1 + 2.0**-30)  # not float32 values: the rounding is part of the test
+  want = np.asarray(round_trip(x64.astype(np.float32), act_type))
+  with jax.enable_x64(True):
+    got = np.asarray(jax.jit(round_trip, static_argnums=1)(x64, act_type))
+  assert got.dtype == np.float64
+  assert _same_bits(got.astype(np.float32), want) == 0
+  assert np.array_equal(got, want.astype(np.float64))
+
+
+def test_float64_emulation_is_the_exact_model_but_for_llama_cpps_roundings(tiny):
+  # With every weight F32 there is nothing to round: float64 emulation = the plain float64 model (absorbed).
+  # With BF16 activations it is the float32 emulation up to float32 rounding (but for code flips, which move
+  # a few positions by a whole bf16 step), far from the plain model.
+  cfg, params, tokens = tiny
+  f32 = _all_weights(params, "split", "F32")
+  plain64 = runner.logits(params, tokens, cfg, dtype="float64", form=AttnForm.ABSORBED)
+  np.testing.assert_array_equal(runner.logits(params, tokens, cfg, dtype="float64", act_quant=f32), plain64)
+  aq = _all_weights(params, "split", "BF16")
+  emu64 = runner.logits(params, tokens, cfg, dtype="float64", act_quant=aq)
+  emu32 = runner.logits(params, tokens, cfg, act_quant=aq)
+  per_pos = lambda a, b: np.abs(a - b).max(-1)  # noqa: E731  [B, T]
+  assert np.median(per_pos(emu64, emu32)) < 1e-3 * np.median(per_pos(emu64, plain64))
 
 
 # ------------------------------------------------------------------------------------------ vs llama.cpp
