@@ -148,7 +148,11 @@ def load(
     except gguf_read.GGUFError as e:
       raise BadInput(str(e)) from None
   if fmt == "npz":
-    return Dump(path=path, format=fmt, tensors=_load_npz(path))
+    arrays = _load_npz(path)
+    # `meta.NAME` string arrays carry the engine's settings (reference/llama_cpp_run.py writes meta.llama_cpp).
+    meta = {n.removeprefix("meta."): str(a) for n, a in arrays.items() if n.startswith("meta.") and a.dtype.kind == "U"}
+    tensors = {n: a for n, a in arrays.items() if not (n.startswith("meta.") and a.dtype.kind == "U")}
+    return Dump(path=path, format=fmt, tensors=tensors, metadata=meta)
   if fmt == "safetensors":
     tensors, meta = _load_safetensors(path)
     return Dump(path=path, format=fmt, tensors=tensors, metadata=meta)
@@ -306,8 +310,9 @@ _KERNEL_NAME = re.compile(r"^([A-Z0-9_]+)-(ref|imatrix)$")
 class Golden:
   dump: Dump
   kind: GoldenKind
-  info: Mapping  # what it is: ggml type and mode, or model, recipe, prefill
+  info: Mapping  # what it is: ggml type and mode, or model, recipe, prefill, emulation, kv_cache
   manifest: Mapping | None  # {"path", "relpath", "sha256"} when verified against a manifest
+  entry: Mapping | None = None  # its manifest entry (config, gguf, ...) when listed in one
 
 
 def _kernel_qtype(path: str, entry: Mapping | None, meta: Mapping):
@@ -378,12 +383,13 @@ def open_golden(path: str | os.PathLike) -> Golden:
   elif kind is GoldenKind.MODEL_OUTPUTS:
     if "logits" not in dump.tensors:
       raise BadInput(f"{path}: model-outputs golden without a 'logits' tensor")
-    info = {k: dump.metadata[k] for k in ("model", "recipe", "prefill") if k in dump.metadata}
+    keys = ("model", "recipe", "prefill", "emulation", "kv_cache")
+    info = {k: dump.metadata[k] for k in keys if k in dump.metadata}
     if entry:
-      info |= {k: entry[k] for k in ("model", "recipe", "prefill", "gguf") if k in entry and k not in info}
+      info |= {k: entry[k] for k in (*keys, "gguf") if k in entry and k not in info}
   else:
     info = {k: entry[k] for k in ("model", "recipe", "rules", "layout") if entry and k in entry}
-  return Golden(dump=dump, kind=kind, info=info, manifest=manifest)
+  return Golden(dump=dump, kind=kind, info=info, manifest=manifest, entry=entry)
 
 
 def open_candidate(path: str | os.PathLike, golden: Golden) -> Dump:

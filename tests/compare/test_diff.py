@@ -177,25 +177,70 @@ def test_logit_thresholds_profile_and_overrides(outputs_golden, tmp_path, capsys
   np.save(tmp_path / "l.npy", (logits + 0.05 * rng.standard_normal(logits.shape)).astype(np.float32))
   code, rep = run_diff(outputs_golden, tmp_path / "l.npy", tmp_path=tmp_path)
   kld = rep["rows"][0]["metrics"]["Mean KLD"]
-  assert code == 1 and 1e-4 < kld < 5e-3
-  assert run_diff(outputs_golden, tmp_path / "l.npy", "--profile", "llama-cpu")[0] == 0
+  assert code == 1 and 1e-4 < kld < 5e-3 and rep["profile"] == "float32"
   capsys.readouterr()
   code, rep = run_diff(outputs_golden, tmp_path / "l.npy", "--threshold", "logits_mean_kld=0.01", tmp_path=tmp_path)
   assert code == 0 and rep["overrides"]["logits_mean_kld"]["change"] == "looser"
   assert "LOOSER" in capsys.readouterr().out  # a loosened bound is never silent
 
 
-def test_llama_cpu_profile_reports_logits_against_q8act_emulation(tmp_path):
+def test_profile_follows_the_goldens_emulation_and_settings_must_match(tmp_path, capsys):
   t = synth.outputs_tensors()
-  t["logits_q8act"] = (t["logits"] + 0.01).astype(np.float32)
-  golden = synth.write_outputs_golden(tmp_path / "g.safetensors", t)
+  golden = synth.write_outputs_golden(tmp_path / "g.safetensors", t, emulation="llama-cpu", kv_cache="f16")
   np.save(tmp_path / "l.npy", t["logits"])
-  code, rep = run_diff(golden, tmp_path / "l.npy", "--profile", "llama-cpu", tmp_path=tmp_path)
-  info = [r for r in rep["rows"] if r["status"] == "INFO"]
-  assert code == 0 and [r["name"] for r in info] == ["logits vs golden logits_q8act"]
-  assert rep["thresholds"]["intermediate_nmse"] == diff.PROFILES["llama-cpu"].intermediate_nmse
   code, rep = run_diff(golden, tmp_path / "l.npy", tmp_path=tmp_path)
-  assert code == 0 and all(r["status"] == "PASS" for r in rep["rows"])
+  assert code == 0 and rep["profile"] == "llama-cpu"
+  assert rep["thresholds"]["router_tie_gap"] == diff.PROFILES["llama-cpu"].router_tie_gap
+  # An engine that says it ran another KV cache type than the golden emulates is bad input, naming the file
+  # to use instead.
+  meta = json.dumps({"kv_cache": "f32", "threads": 1})
+  np.savez(tmp_path / "c.npz", logits=t["logits"], **{"meta.llama_cpp": np.array(meta)})
+  assert run_diff(golden, tmp_path / "c.npz")[0] == 2
+  assert "llama-cpu.safetensors" in capsys.readouterr().err
+  np.savez(tmp_path / "ok.npz", logits=t["logits"], **{"meta.llama_cpp": np.array(meta.replace("f32", "f16"))})
+  code, rep = run_diff(golden, tmp_path / "ok.npz", tmp_path=tmp_path)
+  assert code == 0 and rep["unknown_candidate_tensors"] == []
+
+
+def _routing_golden(tmp_path):
+  root = tmp_path / "goldens"
+  rel = "models/m/outputs/F32.safetensors"
+  t = synth.with_router_scores(synth.outputs_tensors())
+  synth.write_outputs_golden(root / rel, t)
+  synth.write_manifest(root, {rel: "model-outputs"}, config=synth.ROUTER_CONFIG)
+  return root / rel, t
+
+
+def test_expert_flip_at_a_near_tie_is_explained_at_a_decisive_gap_fails(tmp_path, capsys):
+  golden, t = _routing_golden(tmp_path)
+  ids = t["blk.1.topk_ids"].copy()
+  # A near-tie at token 3 between its second expert and an unselected one.
+  scores = t["blk.1.router_scores"].copy()
+  other = next(e for e in range(synth.E) if e not in ids[3])
+  scores[3, other] = scores[3, ids[3, 1]] - 1e-7
+  t["blk.1.router_scores"] = scores
+  synth.write_outputs_golden(golden, t)
+  synth.write_manifest(golden.parents[3], {"models/m/outputs/F32.safetensors": "model-outputs"},
+                       config=synth.ROUTER_CONFIG)
+  cand = {k: v for k, v in t.items() if k != "blk.1.router_scores"}
+  cand["blk.1.topk_ids"] = ids.copy()
+  cand["blk.1.topk_ids"][3, 1] = other
+  np.savez(tmp_path / "near.npz", **{k: cand[k] for k in ("tokens", "logits", "blk.1.topk_ids")})
+  code, rep = run_diff(golden, tmp_path / "near.npz", tmp_path=tmp_path)
+  row = {r["name"]: r for r in rep["rows"]}["blk.1.topk_ids"]
+  assert code == 0 and row["metrics"]["positions_explained"] == 1 and row["metrics"]["positions_decisive"] == 0
+  assert "explained" in row["summary"] and "token 3" in row["summary"]
+  # The same flip at a token whose gap is large (>= 0.2 by construction) is decisive.
+  cand["blk.1.topk_ids"] = ids.copy()
+  cand["blk.1.topk_ids"][5, 1] = next(e for e in range(synth.E) if e not in ids[5])
+  np.savez(tmp_path / "far.npz", **{k: cand[k] for k in ("tokens", "logits", "blk.1.topk_ids")})
+  code, rep = run_diff(golden, tmp_path / "far.npz", tmp_path=tmp_path)
+  row = {r["name"]: r for r in rep["rows"]}["blk.1.topk_ids"]
+  assert code == 1 and row["metrics"]["positions_decisive"] == 1 and row["metrics"]["first"]["token"] == 5
+  assert row["metrics"]["first"]["golden_gap"] >= 0.2
+  fd = rep["first_divergence"]
+  assert (fd["layer"], fd["tensor"], fd["token"], fd["metric"]) == (1, "blk.1.topk_ids", 5, "decisive expert flip")
+  assert "DECISIVE" in capsys.readouterr().out
 
 
 def test_non_finite_candidate_logits_fail(outputs_golden, tmp_path):
