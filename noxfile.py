@@ -6,6 +6,8 @@
   nox -s bench       throughput vs ggml and forward time vs transformers, measured in one run
   nox -s lint        ruff
   nox -s goldens     regenerate goldens/ from seeds and verify it
+  nox -s retrain     retrain v3-pydoc into goldens/models/v3-pydoc (hf/ and train/; ~20 min on 2 cores);
+                     `nox -s goldens` never retrains, it reads these committed files
 """
 
 import os
@@ -63,3 +65,11 @@ def goldens(session):
   session.install(".")  # the generator needs no reference engines
   session.run("dq3jax", "goldens", "--dir", "goldens")
   session.run("dq3jax", "goldens", "--dir", "goldens", "--check", "--no-regenerate")
+
+
+@nox.session(python=PY)
+def retrain(session):
+  """Train v3-pydoc on this Python's reference manual and overwrite its committed checkpoint and report."""
+  session.install("pip>=24")
+  session.install(".")
+  session.run("python", "-m", "dq3jax.train", "goldens/models/v3-pydoc", *session.posargs)

@@ -1,0 +1,3 @@
+from dq3jax.train.run import main
+
+raise SystemExit(main())
