@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import math
 import pathlib
 import tempfile
@@ -25,7 +26,7 @@ import tempfile
 from dq3jax.compare import diff
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GOLDENS = ROOT / "goldens"
+GOLDENS = pathlib.Path(os.environ.get("DQ3JAX_GOLDENS", ROOT / "goldens"))
 MODELS = ("v3-pydoc", "v3-tiny")
 RECIPES = ("F32", "Q8_0", "Q4_K_M", "Q3_K_M", "DQ3_K_M", "Q2_K")
 
@@ -73,24 +74,34 @@ def _worst(report: diff.Report) -> tuple[dict, int, int]:
 
   for r in report.rows:
     m = r.metrics
+    stage = r.name.endswith(diff.STAGE_TAG)
     if r.kind is diff.TensorKind.FLOATS:
       put("intermediate_nmse", m.get("nmse"))
+    elif r.kind is diff.TensorKind.STAGE:
+      # blk.{i}.attention [stage] -> stage:attention
+      put("stage:" + r.name.removesuffix(diff.STAGE_TAG).split(".", 2)[-1], m.get("nmse"))
     elif r.kind is diff.TensorKind.ROUTER_WEIGHTS:
-      put("router_weights_nmse", m.get("nmse"))
+      put("stage:topk_weights" if stage else "router_weights_nmse", m.get("nmse"))
     elif r.kind is diff.TensorKind.ROUTER_IDS:
-      explained += int(m.get("positions_explained", 0))
-      decisive += int(m.get("positions_decisive", 0))
+      if stage:
+        put("stage:decisive_flips", m.get("positions_decisive", 0))
+        put("stage:explained_flips", m.get("positions_explained", 0))
+      else:
+        explained += int(m.get("positions_explained", 0))
+        decisive += int(m.get("positions_decisive", 0))
     elif r.kind is diff.TensorKind.LOGITS:
-      put(f"{r.name}_mean_kld", m.get("Mean KLD", math.inf))
+      key = "stage:head" if stage else r.name
+      put(f"{key}_mean_kld", m.get("Mean KLD", math.inf))
       if "Same top p" in m:
-        put(f"{r.name}_1-same_top_p", 1 - m["Same top p"] / 100)
+        put(f"{key}_1-same_top_p", 1 - m["Same top p"] / 100)
   return worst, explained, decisive
 
 
 def judge(model: str, recipe: str, case: str, gguf_path: pathlib.Path, settings, work: pathlib.Path) -> Run:
   from reference import llama_cpp_run  # noqa: PLC0415
 
-  golden = golden_for(model, recipe, settings.kv_cache)
+  # With flash attention llama.cpp casts an F32 cache to F16 (llama_cpp_run: kv_effective).
+  golden = golden_for(model, recipe, "f16" if settings.flash_attn else settings.kv_cache)
   cand = work / f"{model}-{recipe}-{case}-{settings.label}.npz"
   llama_cpp_run.dump(gguf_path, golden, cand, settings=settings)
   report = diff.diff(golden, cand)

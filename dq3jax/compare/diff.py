@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from dq3jax.compare import dumps, logit_stats, metrics, recompute, routing
+from dq3jax.compare import dumps, logit_stats, metrics, recompute, routing, stagewise
 from dq3jax.compare.dumps import BadInput, Expect, Golden, GoldenKind, open_candidate, open_golden
 
 # ------------------------------------------------------------------------------------------ thresholds
@@ -52,6 +52,13 @@ class Thresholds:
   # logits, decode_logits: llama-perplexity's Mean KLD (upper) and Same top p (lower, fraction).
   logits_mean_kld: float = 1e-4
   logits_min_same_top_p: float = 0.99
+  # Stage-wise (stagewise.py: each half-layer recomputed from the candidate's own input): NMSE of a stage's
+  # output (attn_latent, the attention and feed-forward blocks' contributions, router scores, expert weights).
+  stage_nmse: float = 1e-9
+  # Stage-wise head (logits from the candidate's last hidden state): Mean KLD.
+  stage_logits_kld: float = 1e-8
+  # Stage-wise routing: the largest decision gap a flip may have when the router input is the candidate's own.
+  stage_router_tie_gap: float = 1e-6
 
 
 _HIGHER_IS_STRICTER = frozenset({"logits_min_same_top_p"})
@@ -67,23 +74,30 @@ PROFILES: dict[str, Thresholds] = {
   # setting of reference.llama_cpp_run.CALIBRATION_SETTINGS on every model golden; the measured worst values
   # and the margins are in docs/diff.md. Kernels and file bytes stay exact.
   "llama-cpu": Thresholds(
-    intermediate_nmse=1e-6,
+    intermediate_nmse=1e-3,
     router_max_set_mismatch=0.0,
-    router_tie_gap=1e-3,
-    router_weights_nmse=1e-6,
-    logits_mean_kld=1e-4,
-    logits_min_same_top_p=0.98,
+    router_tie_gap=0.05,
+    router_weights_nmse=1e-4,
+    logits_mean_kld=1e-3,
+    logits_min_same_top_p=0.9,
+    stage_nmse=1e-5,
+    stage_logits_kld=1e-10,
+    stage_router_tie_gap=1e-5,
   ),
   # The same with flash attention: llama.cpp's CPU kernel converts Q, K and V to F16 and accumulates V·softmax
   # in F16 with an online softmax, which the golden does not emulate (its F16-KV golden rounds the cache and
-  # the two matmul inputs only). Chosen automatically when the candidate's meta.llama_cpp says flash_attn.
+  # the two matmul inputs only), so the attention stages carry F16 accumulation noise. Chosen automatically
+  # when the candidate's meta.llama_cpp records flash attention.
   "llama-cpu-fa": Thresholds(
-    intermediate_nmse=1e-5,
+    intermediate_nmse=1e-2,
     router_max_set_mismatch=0.0,
-    router_tie_gap=1e-3,
-    router_weights_nmse=1e-5,
-    logits_mean_kld=1e-4,
-    logits_min_same_top_p=0.98,
+    router_tie_gap=0.3,
+    router_weights_nmse=1e-3,
+    logits_mean_kld=3e-3,
+    logits_min_same_top_p=0.9,
+    stage_nmse=3e-4,
+    stage_logits_kld=1e-10,
+    stage_router_tie_gap=1e-5,
   ),
 }
 # The profile a golden is judged under by default, from its `emulation` metadata.
@@ -137,6 +151,7 @@ class TensorKind(enum.StrEnum):
   ROUTER_WEIGHTS = "router weights"  # NMSE, lined up by expert id
   INTS = "integers"  # any other integer tensor: exact
   GGUF_TENSOR = "gguf tensor"  # ggml type, shape and bytes
+  STAGE = "stage"  # one half-layer recomputed from the candidate's own input: NMSE of its output
 
 
 class Status(enum.StrEnum):
@@ -730,8 +745,8 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
 # ------------------------------------------------------------------------------------------------- diff
 
 
-def _judge_routing(golden: Golden, m: dumps.Matched, thr: Thresholds,
-                   notes: list[str]) -> tuple[Mapping[str, np.ndarray], dict[int, routing.Flips], bool]:
+def _judge_routing(golden: Golden, m: dumps.Matched, thr: Thresholds, notes: list[str],
+                   allow_recompute: bool = True) -> tuple[Mapping[str, np.ndarray], dict[int, routing.Flips], bool]:
   """Classify the candidate's expert sets layer by layer; where flips are explained, recompute the golden with
   the candidate's experts there (repeating, since a forced choice changes later layers' scores) so everything
   downstream is judged against what the golden model gives after the same choices.
@@ -744,7 +759,7 @@ def _judge_routing(golden: Golden, m: dumps.Matched, thr: Thresholds,
   spec = recompute.router_spec(golden)
   forced: dict[int, np.ndarray] = {}  # layer -> [T, K] candidate ids at explained flips, -1 elsewhere
   explained_gap: dict[int, np.ndarray] = {}  # layer -> [T] the golden gap at which each override was made
-  can_recompute = recompute.available(golden)
+  can_recompute = allow_recompute and recompute.available(golden)
   recomputed = False
   def classify_all(stop_at_explained: bool) -> tuple[dict[int, routing.Flips], int | None]:
     flips = {}
@@ -783,7 +798,7 @@ def _judge_routing(golden: Golden, m: dumps.Matched, thr: Thresholds,
       out[i] = f
   if spec is None:
     notes.append("the golden has no router config: every expert flip counts as decisive")
-  elif any(f.explained.any() for f in out.values()) and not recomputed:
+  elif any(f.explained.any() for f in out.values()) and not recomputed and allow_recompute:
     notes.append("explained expert flips, but the golden cannot be recomputed here (no GGUF listed in its "
                  "manifest): tensors downstream of them are judged against the unforced golden")
   return gt, out, recomputed
@@ -836,6 +851,99 @@ def default_profile(golden_path: str | os.PathLike, candidate_path: str | os.Pat
   return profile_for(meta.get("emulation"), _engine_settings(cand) if cand is not None else {})
 
 
+STAGE_TAG = " [stage]"
+
+
+def _judge_stages(golden: Golden, m: dumps.Matched, thr: Thresholds,
+                  notes: list[str]) -> tuple[list[Row], dict | None]:
+  """Stage-wise rows (stagewise.py) and the first stage that leaves its bound, when the candidate supplied its
+  per-layer residuals and the golden can be recomputed; else no rows and a note."""
+  config = (golden.entry or {}).get("config") or {}
+  n = config.get("num_hidden_layers")
+  path = recompute._gguf_path(golden)
+  if not n or path is None or "tokens" not in golden.dump.tensors:
+    return [], None
+  missing = [k for k in stagewise.required(int(n)) if k not in m.tensors]
+  if missing:
+    notes.append(f"stage-wise judging needs every layer's hidden_after_attn and hidden_after_mlp; missing "
+                 f"{_names(missing, 4)}")
+    return [], None
+  cand = m.tensors
+  spec = recompute.router_spec(golden)
+  st, emb = stagewise.golden_stages(path, golden, cand, {})
+  moe_layers = [i for i in range(n) if f"blk.{i}.topk_ids" in st and f"blk.{i}.topk_ids" in cand]
+  flips = {i: routing.classify(st[f"blk.{i}.topk_ids"], cand[f"blk.{i}.topk_ids"], st[f"blk.{i}.router_scores"],
+                               spec, thr.stage_router_tie_gap) for i in moe_layers}
+  forced = {}
+  for i, f in flips.items():
+    if f.explained.any():
+      over = np.full(cand[f"blk.{i}.topk_ids"].shape, -1, np.int64)
+      over[f.explained] = cand[f"blk.{i}.topk_ids"][f.explained]
+      forced[i] = over
+  st_ids = {i: st[f"blk.{i}.topk_ids"] for i in moe_layers}
+  if forced:  # stages are independent: forcing layer i's experts changes only layer i's feed-forward block
+    st, _ = stagewise.golden_stages(path, golden, cand, forced)
+  tokens, _ = _next_tokens(golden)
+  rows: list[Row] = []
+  walk: list[tuple[str, int | None, np.ndarray, float, str]] = []  # (row name, layer, per token, bound, metric)
+
+  def stage_row(name: str, layer: int | None, g: np.ndarray, c: np.ndarray, what: str) -> None:
+    row = floats_row(name + STAGE_TAG, g, c, thr.stage_nmse, TensorKind.STAGE, extra=f" ({what})")
+    rows.append(row)
+    walk.append((name + STAGE_TAG, layer, metrics.nmse_rows(g.reshape(g.shape[0], -1), c.reshape(c.shape[0], -1)),
+                 thr.stage_nmse, "per-token NMSE"))
+
+  for i in range(n):
+    h_in = emb if i == 0 else cand[f"blk.{i - 1}.hidden_after_mlp"]
+    src = "the token embedding" if i == 0 else f"the candidate's blk.{i - 1}.hidden_after_mlp"
+    if f"blk.{i}.attn_latent" in cand:
+      stage_row(f"blk.{i}.attn_latent", i, st[f"blk.{i}.attn_latent"], cand[f"blk.{i}.attn_latent"],
+                f"from {src}")
+    h_attn = cand[f"blk.{i}.hidden_after_attn"]
+    stage_row(f"blk.{i}.attention", i, st[f"blk.{i}.hidden_after_attn"] - h_in, h_attn - h_in,
+              f"the attention block's output, from {src}")
+    ffn_src = f"from the candidate's blk.{i}.hidden_after_attn"
+    if i in moe_layers:
+      if f"blk.{i}.router_scores" in cand:
+        stage_row(f"blk.{i}.router_scores", i, st[f"blk.{i}.router_scores"], cand[f"blk.{i}.router_scores"],
+                  ffn_src)
+      name = f"blk.{i}.topk_ids"
+      ids_thr = dataclasses.replace(thr, router_tie_gap=thr.stage_router_tie_gap)
+      rows.append(dataclasses.replace(router_ids_row(name, flips[i], st_ids[i], cand[name], ids_thr, bool(forced)),
+                                      name=name + STAGE_TAG))
+      walk.append((name + STAGE_TAG, i, flips[i].decisive.astype(np.float64), 0.0, "decisive expert flip"))
+      if f"blk.{i}.topk_weights" in cand:
+        w = router_weights_row(f"blk.{i}.topk_weights", st[f"blk.{i}.topk_weights"], cand[f"blk.{i}.topk_weights"],
+                               st[name], cand[name], dataclasses.replace(thr, router_weights_nmse=thr.stage_nmse))
+        rows.append(dataclasses.replace(w, name=w.name + STAGE_TAG))
+    stage_row(f"blk.{i}.feed-forward", i, st[f"blk.{i}.hidden_after_mlp"] - h_attn,
+              cand[f"blk.{i}.hidden_after_mlp"] - h_attn, f"the MLP/MoE block's output, {ffn_src}")
+  if "logits" in cand:
+    nxt = tokens[1:] if tokens is not None and tokens.size == st["logits"].shape[0] else None
+    head_thr = dataclasses.replace(thr, logits_mean_kld=thr.stage_logits_kld)
+    row = logits_row("logits", st["logits"], cand["logits"], nxt, head_thr)
+    rows.append(dataclasses.replace(row, name="head" + STAGE_TAG,
+                                    summary=row.summary + f" (from the candidate's blk.{n - 1}.hidden_after_mlp)"))
+    if np.isfinite(cand["logits"]).all():
+      walk.append(("head" + STAGE_TAG, None, logit_stats.per_position_kld(st["logits"], cand["logits"]),
+                   thr.stage_logits_kld, "per-token KLD"))
+  # The first stage, in the order values are computed, that is out of bounds as a whole (a single token of a
+  # passing stage may exceed the bound by noise); within it the first token beyond the bound (else its worst).
+  failed = {r.name for r in rows if r.status is Status.FAIL}
+  first = None
+  for name, layer, per, bound, metric in walk:
+    if name not in failed:
+      continue
+    out = np.flatnonzero(~(per <= bound))
+    if not out.size:
+      out = np.array([int(np.argmax(np.where(np.isnan(per), np.inf, per)))])
+    if out.size:
+      t = int(out[0])
+      first = {"layer": layer, "tensor": name, "token": t, "metric": metric, "value": float(per[t]), "bound": bound}
+      break
+  return rows, first
+
+
 def diff(golden_path: str | os.PathLike, candidate_path: str | os.PathLike, *,
          thresholds: Thresholds | None = None, profile: str | None = None,
          overrides: Mapping | None = None) -> Report:
@@ -863,10 +971,32 @@ def diff(golden_path: str | os.PathLike, candidate_path: str | os.PathLike, *,
     expected = profile_for(golden.info.get("emulation"), settings)
     if expected != profile:
       notes.append(f"the golden and the engine's settings call for profile {expected!r}; judged under {profile!r}")
-    gt, flips, recomputed = _judge_routing(golden, matched, thr, notes)
+    # With every layer's residuals the verdict is stage-wise and the end-to-end rows are only reported, so the
+    # golden is not recomputed for end-to-end expert flips.
+    staged = stagewise.possible(golden, matched.tensors)
+    gt, flips, recomputed = _judge_routing(golden, matched, thr, notes, allow_recompute=not staged)
     rows, more = compare_model_outputs(golden, gt, matched, thr, flips, recomputed, cand.path)
     notes += more
-    fd = first_divergence(gt, matched, thr, flips)
+    stage_rows, stage_fd = _judge_stages(golden, matched, thr, notes)
+    if stage_rows:
+      # Every stage was judged on the candidate's own inputs; end to end, the prefill tensors then differ only
+      # by how rounding differences compound (Q8 code flips, near-tie experts), which says nothing about the
+      # engine. They are reported, not judged. decode_logits has no stage-wise counterpart and stays judged.
+      rows = [r if r.name == "decode_logits" or r.status is Status.INFO else
+              dataclasses.replace(r, status=Status.INFO, bound="reported (stage-wise judged)") for r in rows]
+      notes.append("judged stage by stage on the candidate's own inputs (rows marked [stage]); end-to-end prefill "
+                   "rows are reported only")
+    rows += stage_rows
+    # The stage that departs is where the error is made; end to end, it is only where it became visible.
+    fd = stage_fd if stage_rows else first_divergence(gt, matched, thr, flips)
+    decode_failed = any(r.name == "decode_logits" and r.status is Status.FAIL for r in rows)
+    if stage_rows and fd is None and decode_failed:
+      per = logit_stats.per_position_kld(np.asarray(gt["decode_logits"]), matched.tensors["decode_logits"]) \
+        if np.isfinite(matched.tensors["decode_logits"]).all() else np.full(len(gt["decode_logits"]), np.inf)
+      out = np.flatnonzero(~(per <= thr.logits_mean_kld))
+      if out.size:
+        fd = {"layer": None, "tensor": "decode_logits", "token": int(out[0]), "metric": "per-token KLD",
+              "value": float(per[out[0]]), "bound": thr.logits_mean_kld}
   return Report(**common, rows=tuple(rows), unknown=matched.unknown,
                 not_supplied=tuple(sorted(matched.not_supplied, key=_row_order)),
                 notes=tuple(notes), first_divergence=fd)

@@ -190,8 +190,8 @@ def evaluate(
   with scope(dtype):
     p = cast_params(params, dtype)
     n = len(p["layers"])
-    aqs = [None if act_quant is None else act_quant.relative("layers", str(i)) for i in range(n)]
-    head_aq = None if act_quant is None else _only(act_quant.relative(), ("lm_head",))
+    aqs = [_unless_f32(None if act_quant is None else act_quant.relative("layers", str(i))) for i in range(n)]
+    head_aq = _unless_f32(None if act_quant is None else _only(act_quant.relative(), ("lm_head",)))
     head_p = {"norm": p["norm"], "lm_head": p["lm_head"]}
 
     def run(lo, hi, cache):
@@ -224,6 +224,11 @@ def evaluate(
     empty = np.zeros((b, 0, out.logits.shape[-1]), out.logits.dtype)
     decode = np.concatenate(steps, axis=1) if steps else empty
     return dataclasses.replace(out, decode_logits=decode, decode_undecided=step_counts)
+
+
+def _unless_f32(aq: ActQuant | None) -> ActQuant | None:
+  """None for a mapping with nothing to round (every weight F32): the same computation, one compilation."""
+  return None if aq is None or all(t == "F32" for _, t in aq.weights) else aq
 
 
 def _only(aq: ActQuant, *paths) -> ActQuant:
@@ -318,3 +323,69 @@ def incremental_logits(
       cache = out.cache
       outs.append(np.asarray(out.logits))
     return np.concatenate(outs, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "form", "aq", "kv_cache"))
+def _attention_step(lp, h, rope_cs, q_positions, cache_layer, *, cfg, form, aq, kv_cache):
+  h, record, _ = transformer.attention_block(
+    lp, h, cfg, rope_cs=rope_cs, q_positions=q_positions, start=q_positions[0], cache_layer=cache_layer,
+    form=form, aq=aq, kv_cache=kv_cache,
+  )  # fmt: skip
+  return record
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_layer", "aq"))
+def _ffn_step(lp, h, override, *, cfg, moe_layer, aq):
+  return transformer.ffn_block(lp, h, cfg, moe_layer=moe_layer, aq=aq, override=override)[1]
+
+
+def stagewise(
+  params: dict,
+  tokens,
+  cfg: DeepseekV3Config,
+  *,
+  layer_inputs,
+  attn_outputs,
+  final_hidden=None,
+  dtype: Dtype | str = Dtype.FLOAT64,
+  form: AttnForm | None = None,
+  act_quant: ActQuant | None = None,
+  kv_cache: str = "f32",
+  route_override=None,
+) -> tuple[list[dict], np.ndarray | None]:
+  """Each half-layer evaluated on *given* inputs (another engine's own values) instead of this model's: for
+  layer i the attention block on layer_inputs[i] [B, T, d] (its input residual; layer 0's is the embedding)
+  and the feed-forward block on attn_outputs[i] [B, T, d] (its residual after attention); the head on
+  final_hidden [B, T, d]. This is how per-operation tests judge an engine (test-backend-ops gives every op the
+  same inputs): differences then come from that stage alone instead of accumulating over the stack.
+
+  Returns (per layer the records of both blocks, as `evaluate`'s intermediates, and the logits or None).
+  layer_inputs[0] may be None (the embedding is used). route_override as for `evaluate`.
+  """
+  dtype = Dtype(dtype)
+  form = _form(form, act_quant, dtype, AttnForm.EXPANDED)
+  kv_cache = _check_kv_cache(kv_cache)
+  tokens = np.asarray(tokens)
+  b, t = tokens.shape
+  ov = route_overrides(route_override, cfg, b, t)
+  with scope(dtype):
+    p = cast_params(params, dtype)
+    q_positions = jnp.arange(t, dtype=jnp.int32)
+    emb, rope_cs = transformer.embed(p, jnp.asarray(tokens, jnp.int32), cfg, q_positions)
+    cache = transformer.init_cache(cfg, b, t, dtype.jnp)
+    records = []
+    for i, lp in enumerate(p["layers"]):
+      aq = None if act_quant is None else act_quant.relative("layers", str(i))
+      h_in = emb if layer_inputs[i] is None else jnp.asarray(layer_inputs[i], dtype.jnp)
+      rec = _attention_step(lp, h_in, rope_cs, q_positions, cache["layers"][i], cfg=cfg, form=form, aq=aq,
+                            kv_cache=kv_cache)  # fmt: skip
+      override = None if ov is None or ov[i] is None else jnp.asarray(ov[i])
+      rec = rec | _ffn_step(lp, jnp.asarray(attn_outputs[i], dtype.jnp), override, cfg=cfg,
+                            moe_layer=cfg.is_moe_layer(i), aq=aq)  # fmt: skip
+      records.append(_to_numpy(rec))
+    logits_ = None
+    if final_hidden is not None:
+      head_aq = None if act_quant is None else _only(act_quant.relative(), ("lm_head",))
+      head_p = {"norm": p["norm"], "lm_head": p["lm_head"]}
+      logits_ = np.asarray(transformer.head(head_p, jnp.asarray(final_hidden, dtype.jnp), cfg, head_aq))
+    return records, logits_

@@ -125,12 +125,11 @@ def head(params: dict, h: jax.Array, cfg: DeepseekV3Config, act_quant: ActQuant 
   return linear(apply(act_quant, rms_norm(h, params["norm"], cfg.rms_norm_eps), "lm_head"), params["lm_head"])
 
 
-def decoder_layer(
+def attention_block(
   lp: dict,
   h: jax.Array,
   cfg: DeepseekV3Config,
   *,
-  moe_layer: bool,
   rope_cs: tuple[jax.Array, jax.Array],
   q_positions: jax.Array,
   start: jax.Array,
@@ -138,14 +137,13 @@ def decoder_layer(
   form: mla.AttnForm,
   aq: ActQuant | None,
   kv_cache: str = "f32",
-  override: jax.Array | None = None,
 ) -> tuple[jax.Array, dict, dict | None]:
-  """One decoder layer on h [B, T, d] -> (h, its intermediates record, its updated cache entry or None).
-  aq is scoped to the layer's params; override [B, T, K] or None (MoE layers)."""
+  """The attention half of a decoder layer: h [B, T, d] -> (h + attention, {attn_latent, hidden_after_attn},
+  updated cache entry or None). aq is scoped to the layer's params."""
   cos, sin = rope_cs
   dtype = h.dtype
   x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-  aq_attn, aq_mlp = scope(aq, "attn"), scope(aq, "mlp")
+  aq_attn = scope(aq, "attn")
   c, k_pe = mla.latent(lp["attn"], x, cfg, cos, sin, aq_attn)
   record = {"attn_latent": c}
   stored = None
@@ -174,7 +172,23 @@ def decoder_layer(
     kv_cache=kv_cache,
   )
   record["hidden_after_attn"] = h
+  return h, record, stored
+
+
+def ffn_block(
+  lp: dict,
+  h: jax.Array,
+  cfg: DeepseekV3Config,
+  *,
+  moe_layer: bool,
+  aq: ActQuant | None,
+  override: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+  """The feed-forward half of a decoder layer: h [B, T, d] -> (h + MLP or MoE, its record: hidden_after_mlp
+  and, for MoE layers, topk_ids, topk_weights, router_scores). override [B, T, K] or None (MoE layers)."""
   x = rms_norm(h, lp["ffn_norm"], cfg.rms_norm_eps)
+  aq_mlp = scope(aq, "mlp")
+  record = {}
   if moe_layer:
     y, r = moe.moe_layer(lp["mlp"], x, cfg, aq_mlp, override)
     lead = x.shape[:-1]
@@ -190,4 +204,29 @@ def decoder_layer(
     y = swiglu(lp["mlp"], x, aq_mlp)
   h = h + y
   record["hidden_after_mlp"] = h
-  return h, record, stored
+  return h, record
+
+
+def decoder_layer(
+  lp: dict,
+  h: jax.Array,
+  cfg: DeepseekV3Config,
+  *,
+  moe_layer: bool,
+  rope_cs: tuple[jax.Array, jax.Array],
+  q_positions: jax.Array,
+  start: jax.Array,
+  cache_layer: dict | None,
+  form: mla.AttnForm,
+  aq: ActQuant | None,
+  kv_cache: str = "f32",
+  override: jax.Array | None = None,
+) -> tuple[jax.Array, dict, dict | None]:
+  """One decoder layer on h [B, T, d] -> (h, its intermediates record, its updated cache entry or None):
+  attention_block then ffn_block. aq is scoped to the layer's params; override [B, T, K] or None."""
+  h, record, stored = attention_block(
+    lp, h, cfg, rope_cs=rope_cs, q_positions=q_positions, start=start, cache_layer=cache_layer, form=form,
+    aq=aq, kv_cache=kv_cache,
+  )  # fmt: skip
+  h, ffn_record = ffn_block(lp, h, cfg, moe_layer=moe_layer, aq=aq, override=override)
+  return h, record | ffn_record, stored

@@ -382,35 +382,32 @@ def test_real_model_goldens(tmp_path):
   outputs = [rel for rel in _model_outputs_goldens() if (GOLDENS / rel).exists()]
   assert outputs, "goldens/models/ is committed; regenerate it with `dq3jax goldens`"
   # dq3jax's own model on the golden GGUF, through the example writer, is within the strict bounds.
-  rel = next((r for r in outputs if r.endswith("v3-tiny/outputs/Q4_K_M.safetensors")), outputs[0])
+  rel = "models/v3-tiny/outputs/Q4_K_M.safetensors"
+  assert rel in outputs
   assert dump_example.main([str(GOLDENS / rel), str(tmp_path / "cand.npz")]) == 0
   code, rep = run_diff(GOLDENS / rel, tmp_path / "cand.npz", tmp_path=tmp_path)
-  assert code == 0, rep["rows"]
-  assert rep["not_supplied"] == ["logits_q8act", "decode_logits_q8act"] and rep["first_divergence"] is None
+  assert code == 0, [r for r in rep["rows"] if r["status"] == "FAIL"]
+  assert rep["profile"] == "float32" and rep["first_divergence"] is None
+  # With every layer's residuals it is judged stage by stage too, on its own inputs: float32 against float64.
+  stage = {r["name"]: r for r in rep["rows"] if r["name"].endswith("[stage]")}
+  assert "blk.1.feed-forward [stage]" in stage and all(r["status"] == "PASS" for r in stage.values())
   # The golden GGUF against itself.
-  gguf_rel = rep["golden"].get("gguf") or rel.replace("/outputs/", "/gguf/").replace(".safetensors", ".gguf")
-  assert run_diff(GOLDENS / gguf_rel, GOLDENS / gguf_rel)[0] == 0
+  gguf_rel = rep["golden"].get("gguf")
+  assert gguf_rel and run_diff(GOLDENS / gguf_rel, GOLDENS / gguf_rel)[0] == 0
 
 
-def test_real_model_goldens_q8_activation_emulation_needs_llama_cpu_profile(tmp_path):
-  # dq3jax's emulation of llama.cpp's CPU path (Q8 activations) stands in for such an engine: outside the
-  # float32 bounds, inside llama-cpu's (which were calibrated on it, docs/diff.md).
-  from dq3jax.io import gguf_read  # noqa: PLC0415
-  from dq3jax.model import runner  # noqa: PLC0415
-  from dq3jax.model.act_quant import act_quant_from_gguf  # noqa: PLC0415
-
+def test_a_one_percent_error_in_one_stage_is_found_there(tmp_path):
+  # The golden's own tensors, with layer 2's MoE contribution made 1 % larger from token 5 on: stage-wise, only
+  # blk.2.feed-forward departs, and the first divergence names it and the token.
   rel = "models/v3-tiny/outputs/Q4_K_M.safetensors"
-  assert (GOLDENS / rel).exists(), "goldens/models/ is committed; regenerate it with `dq3jax goldens`"
-  gguf_path = GOLDENS / "models/v3-tiny/gguf/Q4_K_M.gguf"
-  golden = load_file(str(GOLDENS / rel))
-  tokens = golden["tokens"]
-  prefill = tokens.size - golden["decode_logits"].shape[0]
-  cfg, params = gguf_read.load(gguf_path)
-  aq = act_quant_from_gguf(gguf_path)
-  logits, layers = runner.logits(params, tokens[None], cfg, intermediates=True, act_quant=aq)
-  decode = runner.incremental_logits(params, tokens[None], cfg, prefill=prefill, act_quant=aq)[0, prefill:]
-  keep = [{k: v for k, v in rec.items() if k in dump_example.LAYER_KEYS} for rec in layers]
-  dump_example.write_dump(tmp_path / "q8.npz", tokens=tokens, logits=logits, decode_logits=decode, layers=keep)
-  assert run_diff(GOLDENS / rel, tmp_path / "q8.npz")[0] == 1
-  code, rep = run_diff(GOLDENS / rel, tmp_path / "q8.npz", "--profile", "llama-cpu", tmp_path=tmp_path)
-  assert code == 0, [r for r in rep["rows"] if r["status"] != "PASS"]
+  t = load_file(str(GOLDENS / rel))
+  cand = {k: v.copy() for k, v in t.items()}
+  delta = t["blk.2.hidden_after_mlp"] - t["blk.2.hidden_after_attn"]
+  cand["blk.2.hidden_after_mlp"][5:] += 0.01 * delta[5:]
+  np.savez(tmp_path / "c.npz", **cand)
+  code, rep = run_diff(GOLDENS / rel, tmp_path / "c.npz", tmp_path=tmp_path)
+  failed = [r["name"] for r in rep["rows"] if r["status"] == "FAIL"]
+  assert code == 1 and "blk.2.feed-forward [stage]" in failed
+  assert not [n for n in failed if n.startswith(("blk.0.", "blk.1."))], failed
+  fd = rep["first_divergence"]
+  assert (fd["layer"], fd["tensor"], fd["token"]) == (2, "blk.2.feed-forward [stage]", 5)
