@@ -1,13 +1,16 @@
 """Golden files: seeded inputs, their quantized bytes and dequantized floats, with a manifest.
 
-`dq3jax goldens` regenerates `goldens/` from seeds (atomically: a failed run leaves the previous
-goldens intact); `dq3jax goldens --check` verifies every file against the manifest's sha256 and
-against a fresh regeneration, and names any file that differs. Two families: kernel goldens (one
-safetensors file per type and mode, below) and model goldens (dq3jax/golden_models.py).
+`dq3jax goldens` regenerates `goldens/` (atomically: a failed run leaves the previous goldens intact);
+`dq3jax goldens --check` verifies every file against the manifest's sha256 and against a fresh
+regeneration, and names any file that differs. Two families: kernel goldens (one safetensors file per type
+and mode, below) and model goldens (dq3jax/golden_models.py).
 
-Kernel goldens and the model goldens' HF and GGUF files are bit-exact by construction and regenerate
-identically on any machine. Model outputs are float32 XLA results: identical on the same CPU model, but a
-different CPU may change the last bits (XLA picks vector widths per CPU), so the manifest records the CPU.
+Everything is bit-exact by construction and regenerates identically on any machine: kernel goldens and the
+model goldens' HF and GGUF files are integer/bit computations, and the model outputs are float64
+evaluations rounded once to float32 (their manifest entries list the few points whose rounding another
+machine could decide differently, dq3jax.model.undecided). v3-pydoc's weights, tokenizer and training record
+are committed inputs: copied from the goldens directory being regenerated, listed with their sha256, never
+regenerated here.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import zlib
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KERNEL_DIR = "kernels"
 ROWS_PER_KIND = 4
 WIDTH = 512
@@ -114,40 +117,102 @@ def _environment() -> dict:
   }
 
 
-def build(progress: bool = True) -> tuple[dict[str, bytes], dict]:
-  """All golden files (relative path -> bytes) and the manifest."""
-  from tqdm import tqdm  # noqa: PLC0415
+def _kernel_files(params: list[tuple[str, str]]) -> tuple[list[tuple[str, bytes, dict]], list[str]]:
+  out = []
+  for type_name, mode in params:
+    tensors, entry = kernel_golden(type_name, mode)
+    entry["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()}
+    out.append((f"{KERNEL_DIR}/{type_name}-{mode}.safetensors", _serialize(tensors), entry))
+  return out, []
 
+
+def _model_files(model: str, root) -> tuple[list[tuple[str, bytes, dict]], list[str]]:
   from dq3jax import golden_models  # noqa: PLC0415
 
+  notes: list[str] = []
+  files = list(golden_models.model_goldens(model, progress=lambda m: m and notes.append(m), root=root))
+  return files, notes
+
+
+def _task(kind: str, arg, root):
+  """One unit of work (run in a worker process when jobs > 1): (files, notes)."""
+  return _kernel_files(arg) if kind == "kernels" else _model_files(arg, root)
+
+
+def _tasks() -> list[tuple[str, object]]:
+  """The work, longest first (v3-pydoc: quantizing and compiling; the k-quant kernel searches), kernels in
+  two interleaved halves so that two workers finish together."""
+  from dq3jax import golden_models  # noqa: PLC0415
+
+  kp = kernel_params()
+  models = [("model", m) for m in golden_models.MODELS]
+  return models[:1] + [("kernels", kp[0::2]), ("kernels", kp[1::2])] + models[1:]
+
+
+def build(
+  progress: bool = True, root: str | pathlib.Path | None = None, jobs: int = 2
+) -> tuple[dict[str, bytes], dict]:
+  """All golden files (relative path -> bytes) and the manifest; v3-pydoc's committed inputs are read from
+  `root` (default: the repository's goldens/). jobs: worker processes (the work is mostly single-threaded
+  XLA compilation, so two workers on two cores take about half the time); 1 runs everything here. The
+  files do not depend on it (each is computed the same way wherever it runs)."""
+  from tqdm import tqdm  # noqa: PLC0415
+
+  tasks = _tasks()
+  results: dict[int, tuple[list, list]] = {}
+  with tqdm(total=len(tasks), desc="goldens", disable=not progress) as bar:
+
+    def done(k, res):
+      results[k] = res
+      for note in res[1]:
+        (tqdm.write if progress else print)(note, file=sys.stderr)
+      bar.update()
+
+    if jobs <= 1:
+      for k, (kind, arg) in enumerate(tasks):
+        done(k, _task(kind, arg, root))
+    else:
+      import concurrent.futures  # noqa: PLC0415
+      import multiprocessing  # noqa: PLC0415
+
+      # spawn: fresh interpreters (a forked JAX runtime is not safe to use).
+      ctx = multiprocessing.get_context("spawn")
+      with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_task, kind, arg, root): k for k, (kind, arg) in enumerate(tasks)}
+        for f in concurrent.futures.as_completed(futures):
+          done(futures[f], f.result())
   files: dict[str, bytes] = {}
   entries = {}
-  for type_name, mode in tqdm(kernel_params(), desc="kernel goldens", disable=not progress):
-    tensors, entry = kernel_golden(type_name, mode)
-    rel = f"{KERNEL_DIR}/{type_name}-{mode}.safetensors"
-    blob = _serialize(tensors)
-    files[rel] = blob
-    entry["sha256"] = hashlib.sha256(blob).hexdigest()
-    entry["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()}
-    entries[rel] = entry
-  steps = len(golden_models.MODELS) * len(golden_models.RECIPES)
-  with tqdm(total=steps, desc="model goldens", disable=not progress) as bar:
-    for model in golden_models.MODELS:
-      for rel, blob, entry in golden_models.model_goldens(model, progress=lambda _: bar.update()):
-        files[rel] = blob
-        entries[rel] = entry | {"sha256": hashlib.sha256(blob).hexdigest()}
-  manifest = _environment() | {"files": entries}
+  order = sorted(range(len(tasks)), key=lambda k: tasks[k][0] != "kernels")  # kernels first, as before
+  for k in order:
+    for rel, blob, entry in results[k][0]:
+      files[rel] = blob
+      entries[rel] = entry | {"sha256": hashlib.sha256(blob).hexdigest()}
+  manifest = _environment() | {"files": entries, "undecided": undecided_summary(entries)}
   return files, manifest
+
+
+def undecided_summary(entries: dict) -> dict:
+  """Totals of the model outputs' undecided points (dq3jax.model.undecided) and the files that have any."""
+  internal = output = 0
+  where = {}
+  for rel, e in entries.items():
+    u = e.get("undecided")
+    if u and (u["internal_count"] or u["output_count"]):
+      internal, output = internal + u["internal_count"], output + u["output_count"]
+      where[rel] = {"internal": u["internal_count"], "outputs": u["output_count"]}
+  return {"internal": internal, "outputs": output, "files": where}
 
 
 def _manifest_bytes(manifest: dict) -> bytes:
   return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
 
 
-def write(out: pathlib.Path, progress: bool = True) -> None:
+def write(out: pathlib.Path, progress: bool = True, jobs: int = 2) -> None:
   """Regenerates `out` atomically: built in a sibling temp dir, then swapped in."""
-  files, manifest = build(progress)
   out = pathlib.Path(out)
+  files, manifest = build(progress, root=out, jobs=jobs)
+  _note_changed_inputs(out, manifest)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=".goldens-new-", dir=out.parent))
   old = out.parent / f"{tmp.name.replace('-new-', '-old-')}"
@@ -173,7 +238,19 @@ def write(out: pathlib.Path, progress: bool = True) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check(root: pathlib.Path, regenerate: bool = True, progress: bool = True) -> list[str]:
+def _note_changed_inputs(out: pathlib.Path, manifest: dict) -> None:
+  """Says which committed inputs differ from the ones the previous manifest listed (new training outputs)."""
+  try:
+    old = json.loads((out / "manifest.json").read_text())["files"]
+  except (OSError, ValueError, KeyError):
+    return
+  for rel, e in manifest["files"].items():
+    inputs = e["kind"] in ("model-hf-trained", "model-train")
+    if inputs and rel in old and old[rel].get("sha256") != e["sha256"]:
+      print(f"{out / rel}: committed input changed since the previous goldens (sha256 {e['sha256'][:12]})")
+
+
+def check(root: pathlib.Path, regenerate: bool = True, progress: bool = True, jobs: int = 2) -> list[str]:
   """Problems found (empty when the goldens verify): hash mismatches, missing files, regeneration diffs."""
   root = pathlib.Path(root)
   problems = []
@@ -192,18 +269,12 @@ def check(root: pathlib.Path, regenerate: bool = True, progress: bool = True) ->
     if digest != entry["sha256"]:
       problems.append(f"{p}: sha256 {digest} does not match the manifest ({entry['sha256']})")
   if regenerate:
-    files, fresh = build(progress)
+    files, _ = build(progress, root=root, jobs=jobs)
     for rel, blob in files.items():
       if rel not in manifest["files"]:
         problems.append(f"{root / rel}: produced by the generator but not in the manifest")
       elif hashlib.sha256(blob).hexdigest() != manifest["files"][rel]["sha256"]:
-        note = ""
-        if manifest["files"][rel].get("kind") == "model-outputs" and manifest.get("platform", {}).get(
-          "cpu"
-        ) != fresh["platform"]["cpu"]:
-          note = (f" (float32 model outputs; generated on {manifest['platform'].get('cpu')!r}, "
-                  f"regenerated on {fresh['platform']['cpu']!r})")
-        problems.append(f"{root / rel}: differs from a fresh regeneration{note}")
+        problems.append(f"{root / rel}: differs from a fresh regeneration")
     for rel in manifest["files"]:
       if rel not in files:
         problems.append(f"{root / rel}: in the manifest but no longer generated")
@@ -216,6 +287,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--check", action="store_true", help="verify against the manifest and a fresh regeneration")
   p.add_argument("--no-regenerate", action="store_true", help="with --check: hashes only")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2; 1: none)")
   p.set_defaults(func=run)
   return p
 
@@ -223,11 +295,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
   root = pathlib.Path(args.dir)
   if args.check:
-    problems = check(root, regenerate=not args.no_regenerate, progress=not args.no_progress)
+    problems = check(root, regenerate=not args.no_regenerate, progress=not args.no_progress, jobs=args.jobs)
     for line in problems:
       print(line, file=sys.stderr)
     print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
-  write(root, progress=not args.no_progress)
+  write(root, progress=not args.no_progress, jobs=args.jobs)
   print(f"wrote {root}")
   return 0

@@ -69,19 +69,21 @@ PROFILES: dict[str, Thresholds] = {
   # transcendental implementations, fused kernels), judged against an `emulation: none` golden.
   "float32": Thresholds(),
   # llama.cpp's CPU backend (activations quantized to the weight's vec_dot_type before every matmul, F16 or
-  # F32 KV cache, any thread count, batch size, flash attention on or off), judged against the golden that
-  # emulates exactly that (`emulation: llama-cpu`, matching kv_cache). Calibrated on llama.cpp itself at every
-  # setting of reference.llama_cpp_run.CALIBRATION_SETTINGS on every model golden; the measured worst values
-  # and the margins are in docs/diff.md. Kernels and file bytes stay exact.
+  # F32 KV cache, 1 or 2 threads, one batch or small ubatches), judged against the golden that emulates it
+  # (`emulation: llama-cpu`, matching kv_cache). Calibrated on llama.cpp itself at every setting of
+  # reference.llama_cpp_run.CALIBRATION_SETTINGS on every model golden (docs/diff.md has the worst values and
+  # margins): the stage bounds are the verdict (worst clean stage 1.3e-6, smallest planted-bug stage effect
+  # 1.8e-5); the end-to-end ones only absorb how correct runs drift apart (worst mean KLD 0.012 prefill, 0.020
+  # decode) and judge logits-only candidates and decode_logits. Kernels and file bytes stay exact.
   "llama-cpu": Thresholds(
-    intermediate_nmse=1e-3,
+    intermediate_nmse=0.1,
     router_max_set_mismatch=0.0,
-    router_tie_gap=0.05,
-    router_weights_nmse=1e-4,
-    logits_mean_kld=1e-3,
-    logits_min_same_top_p=0.9,
-    stage_nmse=1e-5,
-    stage_logits_kld=1e-10,
+    router_tie_gap=0.1,
+    router_weights_nmse=2e-3,
+    logits_mean_kld=0.05,
+    logits_min_same_top_p=0.75,
+    stage_nmse=5e-6,
+    stage_logits_kld=1e-9,
     stage_router_tie_gap=1e-5,
   ),
   # The same with flash attention: llama.cpp's CPU kernel converts Q, K and V to F16 and accumulates V·softmax
@@ -89,14 +91,14 @@ PROFILES: dict[str, Thresholds] = {
   # the two matmul inputs only), so the attention stages carry F16 accumulation noise. Chosen automatically
   # when the candidate's meta.llama_cpp records flash attention.
   "llama-cpu-fa": Thresholds(
-    intermediate_nmse=1e-2,
+    intermediate_nmse=0.1,
     router_max_set_mismatch=0.0,
     router_tie_gap=0.3,
-    router_weights_nmse=1e-3,
-    logits_mean_kld=3e-3,
-    logits_min_same_top_p=0.9,
-    stage_nmse=3e-4,
-    stage_logits_kld=1e-10,
+    router_weights_nmse=3e-3,
+    logits_mean_kld=0.08,
+    logits_min_same_top_p=0.7,
+    stage_nmse=2e-4,
+    stage_logits_kld=1e-9,
     stage_router_tie_gap=1e-5,
   ),
 }

@@ -285,23 +285,31 @@ def apply(aq: ActQuant | None, x: jax.Array, *name: str) -> jax.Array:
   return rounded(x, aq.act_type(name), kind)
 
 
-def rounded(x: jax.Array, act_type: str, kind: str, positions: jax.Array | None = None) -> jax.Array:
+def rounded(
+  x: jax.Array, act_type: str, kind: str, positions: jax.Array | None = None, gate: jax.Array | None = None
+) -> jax.Array:
   """round_trip(x, act_type), recording undecided points under `kind` (module undecided) for float64 x.
 
   A float64 value near a float32 rounding midpoint is undecided only if its other float32 neighbour would
   change what the quantizer makes of it; so the round trip runs a second time with every such element
   flipped, and each quantization block (element, for F16/BF16) whose output changes counts as one point.
   positions: the tokens of x's second axis when they are not the pass's query tokens (undecided.Tally.add).
+  gate: None, or a traced boolean: where it is false, x is returned unrounded and nothing is counted (one
+  compiled function for both settings).
   """
   if act_type == "F32" or x.dtype != jnp.float64 or undecided.active() is None:
-    return round_trip(x, act_type)
+    y = round_trip(x, act_type)
+    return y if gate is None else jnp.where(gate, y, x)
   near, alt = undecided.f32_alternative(x)
   both = _ROUND_TRIPS[act_type](jnp.stack([near, alt]))  # one quantizer instance for both
   changed = both[0] != both[1]  # [..., n]
   block = _BLOCK.get(act_type, 1)
   per_block = changed.reshape(*changed.shape[:-1], -1, block).any(-1)  # [..., n / block]
+  if gate is not None:
+    per_block = per_block & gate
   undecided.record(kind, per_block, positions)
-  return both[0].astype(x.dtype)
+  y = both[0].astype(x.dtype)
+  return y if gate is None else jnp.where(gate, y, x)
 
 
 def scope(aq: ActQuant | None, *keys: str) -> ActQuant | None:

@@ -37,10 +37,12 @@ from dq3jax.model.layers import einsum, linear, rms_norm, upcast_dtype
 KV_CACHES = ("f32", "f16")
 
 
-def _kv(x: jax.Array, kv_cache: str, kind: str, positions: jax.Array | None = None) -> jax.Array:
+def _kv(x: jax.Array, kv_cache, kind: str, positions: jax.Array | None = None) -> jax.Array:
   """x as it meets the other operand of an attention product under the cache type (F32: itself);
   positions: those of x's token axis when x holds cache rows [B, S, ...] rather than the queries."""
-  return x if kv_cache == "f32" else rounded(x, "F16", kind, positions)
+  if isinstance(kv_cache, str):
+    return x if kv_cache == "f32" else rounded(x, "F16", kind, positions)
+  return rounded(x, "F16", kind, positions, gate=kv_cache)  # traced: F16 where true
 
 
 class AttnForm(enum.Enum):
@@ -54,7 +56,7 @@ def _queries(p: dict, x: jax.Array, cfg: DeepseekV3Config, aq: ActQuant | None) 
   if cfg.q_lora_rank is None:
     q = linear(apply(aq, x, "wq"), p["wq"])
   else:
-    q_a = rms_norm(linear(apply(aq, x, "wq_a"), p["wq_a"]), p["q_norm"], cfg.latent_norm_eps)
+    q_a = rms_norm(linear(apply(aq, x, "wq_a"), p["wq_a"]), p["q_norm"], cfg.latent_norm_eps, ggml=aq is not None)
     q = linear(apply(aq, q_a, "wq_b"), p["wq_b"])
   return q.reshape(*x.shape[:-1], cfg.num_attention_heads, cfg.qk_head_dim)  # [B, T, H, dn+dr]
 
@@ -64,7 +66,7 @@ def latent(
 ):
   """The per-token cache entries: normalised latent c [B, T, r] and rotated shared key k_pe [B, T, dr]."""
   kv = linear(apply(aq, x, "wkv_a"), p["wkv_a"])  # [B, T, r+dr]
-  c = rms_norm(kv[..., : cfg.kv_lora_rank], p["kv_norm"], cfg.latent_norm_eps)
+  c = rms_norm(kv[..., : cfg.kv_lora_rank], p["kv_norm"], cfg.latent_norm_eps, ggml=aq is not None)
   k_pe = rope.apply(kv[..., cfg.kv_lora_rank :], cos, sin, interleave=cfg.rope_interleave)
   return c, k_pe
 
@@ -76,7 +78,7 @@ def _softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
 
 def _probs(probs: jax.Array, kv_cache: str) -> jax.Array:
   """Softmax probabilities [B, H, T, S] as they meet V: fp16 under an F16 cache (counted per query token)."""
-  if kv_cache == "f32":
+  if isinstance(kv_cache, str) and kv_cache == "f32":
     return probs
   return jnp.swapaxes(_kv(jnp.swapaxes(probs, 1, 2), kv_cache, "kv.probs"), 1, 2)  # via [B, T, H, S]
 
@@ -99,9 +101,10 @@ def attention(
   """MLA output [B, T, d] for queries x [B, T, d] over keys given as latents c [B, S, r], k_pe [B, S, dr].
 
   A key at position s is visible to a query at position t iff s <= t (causal; cache slots not yet written
-  sit at positions beyond every query). kv_cache: "f32" or "f16" (module doc).
+  sit at positions beyond every query). kv_cache: "f32" or "f16" (module doc), or a traced boolean (true:
+  f16), so that one compiled function serves both (runner.evaluate).
   """
-  if kv_cache not in KV_CACHES:
+  if isinstance(kv_cache, str) and kv_cache not in KV_CACHES:
     raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
   h, dn, dv, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
   q = _queries(p, x, cfg, aq)

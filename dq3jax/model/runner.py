@@ -179,7 +179,9 @@ def evaluate(
 
   The layers run as separately jitted functions, keyed on the layer's activation types only
   (ActQuant.relative), so recipes and layers with the same types share one compilation; the numbers are
-  those of `logits` up to float64 evaluation order.
+  those of `logits` up to float64 evaluation order. Each decode step runs the same compiled T-token chunk
+  as the pass (its token first, then the following tokens or padding, which causal attention keeps from it,
+  discarded), over a cache of 2T rows: one compilation per configuration instead of two.
   """
   dtype = Dtype(dtype)
   form = _form(form, act_quant, dtype, AttnForm.EXPANDED)
@@ -187,40 +189,50 @@ def evaluate(
   tokens = np.asarray(tokens)
   b, t = tokens.shape
   ov = route_overrides(route_override, cfg, b, t)
+  size = t if decode_from is None else 2 * t
+
+  def padded(a, lo, fill):  # a[:, lo:lo + t] along axis 1, padded with `fill` to t positions
+    part = a[:, lo : lo + t]
+    return np.concatenate([part, np.full((b, t - part.shape[1], *a.shape[2:]), fill, a.dtype)], axis=1)
+
   with scope(dtype):
     p = cast_params(params, dtype)
     n = len(p["layers"])
     aqs = [_unless_f32(None if act_quant is None else act_quant.relative("layers", str(i))) for i in range(n)]
     head_aq = _unless_f32(None if act_quant is None else _only(act_quant.relative(), ("lm_head",)))
     head_p = {"norm": p["norm"], "lm_head": p["lm_head"]}
+    kv16 = jnp.asarray(kv_cache == "f16")  # traced: both cache types share the compiled layers
 
-    def run(lo, hi, cache):
-      q_positions = jnp.arange(lo, hi, dtype=jnp.int32)
-      h, rope_cs = transformer.embed(p, jnp.asarray(tokens[:, lo:hi], jnp.int32), cfg, q_positions)
+    def run(lo, cache):
+      """The chunk of t tokens from position lo: (logits, records, cache, counts [B, size] per kind)."""
+      q_positions = jnp.arange(lo, lo + t, dtype=jnp.int32)
+      h, rope_cs = transformer.embed(p, jnp.asarray(padded(tokens, lo, 0), jnp.int32), cfg, q_positions)
       counts, records, layers = {}, [], []
       for i, lp in enumerate(p["layers"]):
-        override = None if ov is None or ov[i] is None else jnp.asarray(ov[i][:, lo:hi])
+        override = None if ov is None or ov[i] is None else jnp.asarray(padded(ov[i], lo, -1))
         h, record, stored, c = _layer_step(
           lp, h, rope_cs, q_positions, cache["layers"][i], override,
-          cfg=cfg, moe_layer=cfg.is_moe_layer(i), form=form, aq=aqs[i], kv_cache=kv_cache,
+          kv16, cfg=cfg, moe_layer=cfg.is_moe_layer(i), form=form, aq=aqs[i],
         )  # fmt: skip
         counts.update({f"blk.{i}.{k}": v for k, v in c.items()})
         records.append(record)
         layers.append(stored)
-      logits_, c = _head_step(head_p, h, q_positions, t, cfg=cfg, aq=head_aq)
+      logits_, c = _head_step(head_p, h, q_positions, size, cfg=cfg, aq=head_aq)
       counts.update({f"output.{k}": v for k, v in c.items()})
-      return logits_, records, {"layers": layers, "length": jnp.asarray(hi, jnp.int32)}, counts
+      return logits_, records, {"layers": layers, "length": jnp.asarray(lo + t, jnp.int32)}, counts
 
-    logits_, records, cache, counts = run(0, t, transformer.init_cache(cfg, b, t, dtype.jnp))
-    out = Evaluation(np.asarray(logits_), _to_numpy(records), _to_numpy(counts))
+    logits_, records, cache, counts = run(0, transformer.init_cache(cfg, b, size, dtype.jnp))
+    first = {k: np.asarray(v)[:, :t] for k, v in counts.items()}
+    out = Evaluation(np.asarray(logits_), _to_numpy(records), first)
     if decode_from is None:
       return out
     steps, step_counts = [], {}
     for k in range(decode_from, t):
-      step, _, cache, c = run(k, k + 1, cache)
-      steps.append(np.asarray(step))
+      step, _, cache, c = run(k, cache)
+      steps.append(np.asarray(step)[:, :1])
       for kind, v in c.items():
-        step_counts[kind] = step_counts.get(kind, 0) + np.asarray(v)
+        at = step_counts.setdefault(kind, np.zeros((b, t), np.int64))
+        at[:, k] += np.asarray(v)[:, k]
     empty = np.zeros((b, 0, out.logits.shape[-1]), out.logits.dtype)
     decode = np.concatenate(steps, axis=1) if steps else empty
     return dataclasses.replace(out, decode_logits=decode, decode_undecided=step_counts)
@@ -235,14 +247,14 @@ def _only(aq: ActQuant, *paths) -> ActQuant:
   return ActQuant(weights=tuple(w for w in aq.weights if w[0] in paths), layout=aq.layout)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe_layer", "form", "aq", "kv_cache"))
-def _layer_step(lp, h, rope_cs, q_positions, cache_layer, override, *, cfg, moe_layer, form, aq, kv_cache):
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_layer", "form", "aq"))
+def _layer_step(lp, h, rope_cs, q_positions, cache_layer, override, kv16, *, cfg, moe_layer, form, aq):
   """transformer.decoder_layer over the cache, with its undecided counts (kinds without the layer prefix)."""
   tally = undecided_mod.Tally(h.shape[0], q_positions, cache_layer["c"].shape[1])
   with undecided_mod.collecting(tally):
     h, record, stored = transformer.decoder_layer(
       lp, h, cfg, moe_layer=moe_layer, rope_cs=rope_cs, q_positions=q_positions, start=q_positions[0],
-      cache_layer=cache_layer, form=form, aq=aq, kv_cache=kv_cache, override=override,
+      cache_layer=cache_layer, form=form, aq=aq, kv_cache=kv16, override=override,
     )  # fmt: skip
   return h, record, stored, tally.counts
 

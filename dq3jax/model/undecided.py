@@ -1,27 +1,34 @@
 """Undecided points: where a float64 evaluation cannot be sure what its float32 (or discrete) result is.
 
-The goldens are evaluated in float64 and rounded once to float32. Two machines compute the float64 values
-in different orders (XLA's vector width for reductions depends on the CPU's ISA, matmul blocking on its
-caches, and the last bit of exp/log on the libm path), so their float64 values differ slightly; they still
-write the same float32 bytes unless a value lies so close to a float32 rounding midpoint that the
-difference can carry it across. The same holds for every decision the forward takes on float64 values: an
-activation rounded to float32 before llama.cpp's quantizer (or to fp16 for the KV cache), and the router's
-top-k and group choices (the gap between the last selected and the first rejected candidate).
+The goldens are evaluated in float64 and rounded once to float32. Two machines may compute the float64
+values in different orders (XLA's vector width for reductions and its exp/log polynomials depend on the
+CPU's ISA, FMA contraction on its availability), so their float64 values may differ slightly; they still write
+the same float32 bytes unless a value lies so close to a float32 rounding midpoint that the difference can
+carry it across. The same holds for every decision the forward takes on float64 values: an activation
+rounded to float32 before llama.cpp's quantizer (or to fp16 for the KV cache), and the router's top-k and
+group choices (the gap between the last selected and the first rejected candidate).
 
-The margin. A sum of n float64 terms evaluated in two different orders differs by at most
-2 (n - 1) u sum|t_i| (u = 2^-53; Higham, Accuracy and Stability, 4.2), i.e. 2 (n - 1) u k relative to the
-result, k = sum|t_i| / |sum t_i| its condition number. The widest reduction here has n = 1024 (vocabulary
-rows; hidden and latent widths are 256), so one reduction moves a result by at most 2^-43 k relative; the
-forward chains about 5 reductions per layer over 3-4 layers, and errors entering a layer pass through it
-amplified by its own (modest, RMSNorm-normalised) condition. A relative margin of 2^-40 therefore covers
-a chain of reductions of condition k ~ 8 each; in practice the orders differ far less than these worst
-cases (a random walk, not a sum of worst cases): tests/model/test_undecided.py measures the float64
-difference between full-sequence and incremental evaluation, and between AVX2 and default ISA, and holds
-it below 2^-10 of the margin. A float32 value has a relative spacing of 2^-23..2^-24, so a margin of 2^-40
-flags about 2 x 2^-40 / 2^-23.5 ~ 2e-5 of all values at random: a few per 100k. That is the price of the
-guarantee; a flagged value is reported (tensor, token), not hidden, and a flagged *internal* point (an
-activation code or an expert choice) would spread to everything after it, so those are the ones that
-matter most.
+The margin. The error of a reduction is absolute, not relative to its result: a dot product of n terms
+evaluated in two orders differs by up to 2 (n - 1) u sum|t_i| (u = 2^-53; Higham, Accuracy and Stability,
+4.2), however small the result is by cancellation. So the margin is relative to the scale of the row the
+value belongs to (the largest magnitude along the last axis: a token's logits, hidden state, cache row,
+attention probabilities), not to the value: a logit near zero is as uncertain in absolute terms as a large
+one, and far more in relative terms. The worst-case bound (n = 1024, sum|t| a few times the row scale,
+chained over the layers) is about 2^-37 of the row scale; realised differences are random walks far below
+it. Measured on the goldens' models (every output and intermediate tensor, all three emulations) between
+XLA's default CPU code (AVX-512, FMA) and --xla_cpu_max_isa=AVX2, AVX (no FMA) and SSE4_2, and between
+whole-model and layer-wise compilation, expanded and absorbed attention, one pass and incremental decoding:
+the largest float64 difference is 2^-47.4 of its row's scale (|diff| / |value| reaches 2^-30 near zero, so a
+margin relative to the value would be unsound). REL_MARGIN = 2^-42 of the row scale leaves a factor 2^5
+over every order measured. A float32 value flagged this way is one whose float32 rounding another machine
+could change by one unit; at random about 2^-42 / 2^-24 of the values of a row of similar magnitudes are
+flagged, more where values are much smaller than their row's largest. Values exactly on a midpoint are not
+flagged (`f32_undecided`).
+
+What is flagged is reported, not hidden: the generator records every point (tensor or decision kind, token,
+element) in the manifest and prints them. Internal points (an activation's quantization, an fp16 cache
+entry, an expert choice) would spread to everything after them and must be zero on committed goldens; an
+output element can only be one float32 unit off, and comparisons may exempt the listed ones.
 
 Collection: `transformer.forward(..., undecided=True)` opens a `Tally` for its trace; `record` (called by
 act_quant, mla and moe at their decision points) adds per-token counts under a kind name such as
@@ -37,9 +44,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Relative margin around a float32 rounding midpoint (or a router gap) below which a float64 value counts as
-# undecided; derivation in the module doc.
-REL_MARGIN = 2.0**-40
+# Margin around a float32 rounding midpoint, relative to the largest magnitude of the value's row (its last
+# axis), below which a float64 value counts as undecided; also the relative margin of router gaps. Derivation
+# in the module doc.
+REL_MARGIN = 2.0**-42
+
+
+def _margin(xp, x):
+  """REL_MARGIN times the largest |x| along the last axis, broadcast to x."""
+  return xp.broadcast_to(xp.max(xp.abs(x), axis=-1, keepdims=True) * REL_MARGIN, x.shape)
 
 
 def _is_tie(xp, x, near):
@@ -50,31 +63,37 @@ def _is_tie(xp, x, near):
 
 
 def f32_undecided(x):
-  """Elementwise: float64 x [...] is within REL_MARGIN |x| of a float32 rounding midpoint (numpy or jax).
+  """Elementwise: float64 x [..., n] is within the margin of a float32 rounding midpoint (numpy or jax).
 
   A value exactly on a midpoint is not undecided: it has at most 25 significant bits, which a float64
   result has when it was computed exactly (e.g. a product of quantized activations and quantized weights,
   whose partial sums are all representable, so every summation order gives it), and then every machine
-  rounds the same tie to even. (An inexact result landing exactly there has probability ~2^-28.)"""
+  rounds the same tie to even. (An inexact result landing exactly there has probability ~2^-28.) Nor is an
+  exact zero (masked attention, structural zeros): cancellation to exactly 0 is as unlikely."""
   xp = np if isinstance(x, np.ndarray | np.generic) else jnp
-  m = xp.abs(x) * REL_MARGIN
-  near = x.astype(xp.float32)
-  return ((x - m).astype(xp.float32) != (x + m).astype(xp.float32)) & ~_is_tie(xp, x, near)
+  return _flagged(xp, x, x.astype(xp.float32))
+
+
+def _flagged(xp, x, near):
+  m = _margin(xp, x)
+  return ((x - m).astype(xp.float32) != (x + m).astype(xp.float32)) & ~_is_tie(xp, x, near) & (x != 0)
 
 
 def f32_alternative(x):
-  """(nearest float32 of float64 x, the float32 on the other side of x's rounding midpoint when x is
-  undecided (f32_undecided), else the nearest again): the two values another evaluation order could give."""
-  m = jnp.abs(x) * REL_MARGIN
+  """(nearest float32 of float64 x [..., n], the float32 on the other side of x's rounding midpoint where x
+  is undecided (f32_undecided), else the nearest again): the two values another evaluation order could
+  give."""
+  m = _margin(jnp, x)
   near, lo, hi = x.astype(jnp.float32), (x - m).astype(jnp.float32), (x + m).astype(jnp.float32)
-  return near, jnp.where(_is_tie(jnp, x, near), near, jnp.where(lo != near, lo, hi))
+  return near, jnp.where(_flagged(jnp, x, near), jnp.where(lo != near, lo, hi), near)
 
 
 def gap_undecided(a, b):
   """Elementwise: a decision between scores a and b (a selected, b not) that a reordered float64
-  evaluation could reverse: |a - b| within REL_MARGIN of their magnitudes (an exact tie included)."""
+  evaluation could reverse: |a - b| within REL_MARGIN of max(|a| + |b|, 1), an exact tie included. The
+  scores are sigmoids (in (0, 1)) plus a bias, whose errors are absolute, hence the floor of 1."""
   xp = np if isinstance(a, np.ndarray | np.generic) else jnp
-  return xp.abs(a - b) <= REL_MARGIN * (xp.abs(a) + xp.abs(b))
+  return xp.abs(a - b) <= REL_MARGIN * xp.maximum(xp.abs(a) + xp.abs(b), 1.0)
 
 
 class Tally:
