@@ -43,6 +43,8 @@ def crosscheck(session):
   session.run("python", "-m", "tests.quant.crosscheck", "--blocks", "500000",
               env={"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX").strip()})
   session.run("python", "-m", "pytest", "-m", "crosscheck", "tests/model", "tests/io")
+  # llama.cpp at all eight calibration settings on every model golden (the default suite runs four).
+  session.run("python", "-m", "pytest", "-m", "slow", "tests/compare/test_verdicts.py")
 
 
 @nox.session(python=PY)

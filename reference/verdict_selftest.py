@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import math
+import os
 import pathlib
 import tempfile
 

@@ -98,7 +98,8 @@ def test_committed_training_outputs_are_listed_with_their_hashes():
   model = golden_models.TRAINED
   base = ROOT / "models" / model
   committed = [p for sub in ("hf", "train") for p in sorted((base / sub).iterdir()) if p.is_file()]
-  assert {"config.json", "model.safetensors", "tokenizer.json", "heldout_tokens.json"} <= {p.name for p in committed}
+  names = {p.name for p in committed}
+  assert {"config.json", "model.safetensors", "tokenizer.json", "heldout_tokens.json"} <= names
   for p in committed:
     e = FILES[p.relative_to(ROOT).as_posix()]
     assert e["kind"] in ("model-hf-trained", "model-train")
@@ -153,7 +154,10 @@ def test_outputs_are_self_consistent(model):
         assert np.array_equal(a, files[".llama-cpu"][k]), k
     else:  # llama.cpp's Q8 activations move the logits by far more than float32 rounding
       assert np.abs(emu - plain).max() > 1e-3 * scale, recipe
-    assert 1e-6 * scale < np.abs(f16 - emu).max() < 0.3 * scale, recipe  # fp16 cache: 2^-11 per value
+    # The fp16 cache moves logits by its rounding (2^-11 per cached value) at most positions; a code or expert
+    # flip it causes can move a few positions by more.
+    per_pos = np.abs(f16 - emu).max(-1)
+    assert per_pos.max() > 1e-6 * scale and np.median(per_pos) < 0.05 * scale, recipe
 
 
 def _regenerate(plan, xla_flags):

@@ -24,7 +24,7 @@ def test_manifest_covers_every_type_and_mode_and_hashes_verify():
   assert set(KERNEL_FILES) == want
   assert goldens.check(ROOT, regenerate=False) == []
   total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file())
-  assert total < 50 * 2**20
+  assert total < 100 * 2**20  # the budget for goldens/ (issue 10)
 
 
 @pytest.mark.parametrize("rel", ["kernels/Q4_K-imatrix.safetensors", "kernels/Q3_K-ref.safetensors",
@@ -63,7 +63,7 @@ def test_failed_regeneration_leaves_previous_goldens_intact(tmp_path, monkeypatc
   out.mkdir()
   (out / "manifest.json").write_text("{}")
 
-  def failing_build(progress=True):
+  def failing_build(progress=True, **_):
     raise RuntimeError("generator failed half way")
 
   monkeypatch.setattr(goldens, "build", failing_build)
@@ -77,7 +77,7 @@ def test_failure_while_swapping_in_leaves_previous_goldens_intact(tmp_path, monk
   out = tmp_path / "g"
   out.mkdir()
   (out / "manifest.json").write_text("old")
-  monkeypatch.setattr(goldens, "build", lambda progress=True: ({"kernels/a.safetensors": b"new"}, {"files": {}}))
+  monkeypatch.setattr(goldens, "build", lambda progress=True, **_: ({"kernels/a.safetensors": b"new"}, {"files": {}}))
 
   def failing_replace(src, dst):
     raise OSError("disk full")

@@ -20,6 +20,7 @@ full size, in the stage that makes it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 from collections.abc import Mapping
@@ -38,7 +39,10 @@ def _load(path: str):
   from dq3jax.model.act_quant import act_quant_from_gguf  # noqa: PLC0415
 
   cfg, params = gguf_read.load(path)
-  return cfg, params, act_quant_from_gguf(path)
+  # Stage by stage the oracle starts from the candidate's own float32 values, so it can follow llama.cpp's
+  # float32 RMSNorm exactly (layers.rms_norm_ggml): one ulp there decides Q8 codes, and on a quantized token
+  # embedding activations sit on exact Q8 ties (layer-0 attention stage noise 3e-5 -> 1e-7 on v3-pydoc).
+  return cfg, params, dataclasses.replace(act_quant_from_gguf(path), rms_norm="ggml")
 
 
 def required(n_layers: int) -> list[str]:

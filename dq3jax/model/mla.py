@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dq3jax.model import rope
-from dq3jax.model.act_quant import ActQuant, apply, rounded
+from dq3jax.model.act_quant import ActQuant, apply, ggml_norm, rounded
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.layers import einsum, linear, rms_norm, upcast_dtype
 
@@ -56,7 +56,8 @@ def _queries(p: dict, x: jax.Array, cfg: DeepseekV3Config, aq: ActQuant | None) 
   if cfg.q_lora_rank is None:
     q = linear(apply(aq, x, "wq"), p["wq"])
   else:
-    q_a = rms_norm(linear(apply(aq, x, "wq_a"), p["wq_a"]), p["q_norm"], cfg.latent_norm_eps, ggml=aq is not None)
+    q_a = linear(apply(aq, x, "wq_a"), p["wq_a"])
+    q_a = rms_norm(q_a, p["q_norm"], cfg.latent_norm_eps, ggml=ggml_norm(aq))
     q = linear(apply(aq, q_a, "wq_b"), p["wq_b"])
   return q.reshape(*x.shape[:-1], cfg.num_attention_heads, cfg.qk_head_dim)  # [B, T, H, dn+dr]
 
@@ -66,7 +67,7 @@ def latent(
 ):
   """The per-token cache entries: normalised latent c [B, T, r] and rotated shared key k_pe [B, T, dr]."""
   kv = linear(apply(aq, x, "wkv_a"), p["wkv_a"])  # [B, T, r+dr]
-  c = rms_norm(kv[..., : cfg.kv_lora_rank], p["kv_norm"], cfg.latent_norm_eps, ggml=aq is not None)
+  c = rms_norm(kv[..., : cfg.kv_lora_rank], p["kv_norm"], cfg.latent_norm_eps, ggml=ggml_norm(aq))
   k_pe = rope.apply(kv[..., cfg.kv_lora_rank :], cos, sin, interleave=cfg.rope_interleave)
   return c, k_pe
 

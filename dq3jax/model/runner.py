@@ -240,11 +240,13 @@ def evaluate(
 
 def _unless_f32(aq: ActQuant | None) -> ActQuant | None:
   """None for a mapping with nothing to round (every weight F32): the same computation, one compilation."""
-  return None if aq is None or all(t == "F32" for _, t in aq.weights) else aq
+  nothing = all(t == "F32" for _, t in aq.weights) if aq is not None else True
+  return None if nothing and (aq is None or aq.rms_norm == "exact") else aq
 
 
 def _only(aq: ActQuant, *paths) -> ActQuant:
-  return ActQuant(weights=tuple(w for w in aq.weights if w[0] in paths), layout=aq.layout)
+  weights = tuple(w for w in aq.weights if w[0] in paths)
+  return ActQuant(weights=weights, layout=aq.layout, rms_norm=aq.rms_norm)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_layer", "form", "aq"))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from dq3jax.model import mla, moe, rope
 from dq3jax.model import undecided as _undecided
-from dq3jax.model.act_quant import ActQuant, apply, scope
+from dq3jax.model.act_quant import ActQuant, apply, ggml_norm, scope
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.layers import linear, rms_norm, swiglu
 
@@ -122,7 +122,8 @@ def embed(params: dict, tokens: jax.Array, cfg: DeepseekV3Config, q_positions: j
 
 def head(params: dict, h: jax.Array, cfg: DeepseekV3Config, act_quant: ActQuant | None = None) -> jax.Array:
   """Logits [B, T, V] of the last hidden state h [B, T, d]: final RMSNorm and lm_head."""
-  return linear(apply(act_quant, rms_norm(h, params["norm"], cfg.rms_norm_eps, ggml=act_quant is not None), "lm_head"), params["lm_head"])
+  x = rms_norm(h, params["norm"], cfg.rms_norm_eps, ggml=ggml_norm(act_quant))
+  return linear(apply(act_quant, x, "lm_head"), params["lm_head"])
 
 
 def attention_block(
@@ -142,7 +143,7 @@ def attention_block(
   updated cache entry or None). aq is scoped to the layer's params."""
   cos, sin = rope_cs
   dtype = h.dtype
-  x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps, ggml=aq is not None)
+  x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps, ggml=ggml_norm(aq))
   aq_attn = scope(aq, "attn")
   c, k_pe = mla.latent(lp["attn"], x, cfg, cos, sin, aq_attn)
   record = {"attn_latent": c}
@@ -186,7 +187,7 @@ def ffn_block(
 ) -> tuple[jax.Array, dict]:
   """The feed-forward half of a decoder layer: h [B, T, d] -> (h + MLP or MoE, its record: hidden_after_mlp
   and, for MoE layers, topk_ids, topk_weights, router_scores). override [B, T, K] or None (MoE layers)."""
-  x = rms_norm(h, lp["ffn_norm"], cfg.rms_norm_eps, ggml=aq is not None)
+  x = rms_norm(h, lp["ffn_norm"], cfg.rms_norm_eps, ggml=ggml_norm(aq))
   aq_mlp = scope(aq, "mlp")
   record = {}
   if moe_layer:

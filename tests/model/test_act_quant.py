@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import pathlib
 
 import jax
@@ -272,6 +273,10 @@ def test_float64_emulation_is_the_exact_model_but_for_llama_cpps_roundings(tiny)
   f32 = _all_weights(params, "split", "F32")
   plain64 = runner.logits(params, tokens, cfg, dtype="float64", form=AttnForm.ABSORBED)
   np.testing.assert_array_equal(runner.logits(params, tokens, cfg, dtype="float64", act_quant=f32), plain64)
+  # ggml's float32 RMSNorm steps (the stage-wise judge's choice) move it by float32 rounding only.
+  ggml = dataclasses.replace(f32, rms_norm="ggml")
+  rel = np.abs(runner.logits(params, tokens, cfg, dtype="float64", act_quant=ggml) - plain64).max()
+  assert 0 < rel / np.abs(plain64).max() < 1e-5
   aq = _all_weights(params, "split", "BF16")
   emu64 = runner.logits(params, tokens, cfg, dtype="float64", act_quant=aq)
   emu32 = runner.logits(params, tokens, cfg, act_quant=aq)

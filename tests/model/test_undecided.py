@@ -36,11 +36,13 @@ def test_f32_undecided_is_relative_to_the_row_scale():
   assert undecided.f32_undecided(np.array([small, 1e3]))[0]
   assert not undecided.f32_undecided(np.array([small, 1e-3]))[0]
   with jax.enable_x64(True):
-    np.testing.assert_array_equal(np.asarray(undecided.f32_undecided(jnp.asarray(row))), undecided.f32_undecided(row))
+    on_device = np.asarray(undecided.f32_undecided(jnp.asarray(row)))
+    np.testing.assert_array_equal(on_device, undecided.f32_undecided(row))
     near, alt = undecided.f32_alternative(jnp.asarray(row))
     flipped = np.asarray(near) != np.asarray(alt)
   np.testing.assert_array_equal(flipped, undecided.f32_undecided(row))
-  assert undecided.gap_undecided(np.float64(0.5), np.float64(0.5)) and not undecided.gap_undecided(0.5, 0.4999)
+  assert undecided.gap_undecided(np.float64(0.5), np.float64(0.5))
+  assert not undecided.gap_undecided(0.5, 0.4999)
 
 
 def _counts(fn, x, batch=1):
@@ -85,7 +87,8 @@ def test_router_near_ties_are_counted_per_decision():
   group = np.array([[2.0, 1.0, 0.5, 0.1], [2.0, 1.0, 1.0, 0.1], [2.0, 1.0, 0.5, 0.1], [2.0, 1.0, 0.5, 0.1]])
   r = moe.Routing(
     ids=jnp.zeros((4, 2), jnp.int32), weights=jnp.zeros((4, 2)), choice=jnp.asarray(masked),
-    masked=jnp.asarray(masked), group_score=jnp.asarray(group), forced=jnp.asarray([False, False, False, True]),
+    masked=jnp.asarray(masked), group_score=jnp.asarray(group),
+    forced=jnp.asarray([False, False, False, True]),
   )  # fmt: skip
   got = {k: np.asarray(v).tolist() for k, v in moe.undecided_choices(r, cfg).items()}
   assert got == {

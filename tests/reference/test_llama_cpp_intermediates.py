@@ -191,7 +191,7 @@ def test_no_weights_in_extra_buffer_types():
   p = R.model_params()
   off = type(p).use_extra_bufts.offset
   assert bytes(p)[off] == 0 and p.use_extra_bufts is False
-  m = R.load_model(MODEL.parent / "v3-mini-256" / "gguf" / "Q4_K_M.gguf")
+  m = R.load_model(MODEL.parent / "v3-pydoc" / "gguf" / "Q4_K_M.gguf")
   try:
     assert m.buffer_lines and all("CPU_Mapped" in ln or "CPU model" in ln for ln in m.buffer_lines), (
       m.buffer_lines

@@ -16,7 +16,7 @@ from reference import planted_bugs as B
 MODELS = pathlib.Path(__file__).resolve().parents[2] / "goldens" / "models"
 TINY_F32 = MODELS / "v3-tiny" / "gguf" / "F32.gguf"
 TINY_Q4 = MODELS / "v3-tiny" / "gguf" / "Q4_K_M.gguf"  # no k-quant tensor: every width < 256
-MINI_Q4 = MODELS / "v3-mini-256" / "gguf" / "Q4_K_M.gguf"
+MINI_Q4 = MODELS / "v3-pydoc" / "gguf" / "Q4_K_M.gguf"  # every row a multiple of 256: k-quant tensors
 ARCH = "deepseek2"
 
 
@@ -84,7 +84,7 @@ METADATA = {
 }
 
 
-@pytest.mark.parametrize("src", [TINY_F32, MINI_Q4], ids=["tiny-F32", "mini-Q4_K_M"])
+@pytest.mark.parametrize("src", [TINY_F32, MINI_Q4], ids=["tiny-F32", "pydoc-Q4_K_M"])
 @pytest.mark.parametrize("bug", sorted(METADATA))
 def test_metadata_bug_changes_one_value(bug, src, tmp_path):
   key, fn = METADATA[bug]
@@ -114,7 +114,7 @@ def test_selection_bias_zeroed(tmp_path):
   _same_except(rs, rd, tensors=names)
 
 
-@pytest.mark.parametrize("src", [TINY_F32, MINI_Q4], ids=["tiny-F32", "mini-Q4_K_M"])
+@pytest.mark.parametrize("src", [TINY_F32, MINI_Q4], ids=["tiny-F32", "pydoc-Q4_K_M"])
 def test_yarn_mscale_missing_scales_q_a_norm(src, tmp_path):
   rs, rd, dst, _ = _apply("yarn_mscale_missing", src, tmp_path)
   m = 1 + _value(rs, f"{ARCH}.rope.scaling.yarn_log_multiplier") * math.log(
@@ -135,7 +135,7 @@ def _rows(t):
   return a.reshape(-1, a.shape[-1])
 
 
-@pytest.mark.parametrize("src", [TINY_F32, MINI_Q4], ids=["tiny-F32", "mini-Q4_K_M"])
+@pytest.mark.parametrize("src", [TINY_F32, MINI_Q4], ids=["tiny-F32", "pydoc-Q4_K_M"])
 def test_rope_pairing_neox_permutes_rotary_rows_only(src, tmp_path):
   rs, rd, dst, _ = _apply("rope_pairing_neox", src, tmp_path)
   n_rot = _value(rs, f"{ARCH}.rope.dimension_count")
@@ -160,7 +160,7 @@ def test_rope_pairing_neox_permutes_rotary_rows_only(src, tmp_path):
   _same_except(rs, rd, tensors=touched)
 
 
-@pytest.mark.parametrize("src", [TINY_F32, MINI_Q4], ids=["tiny-F32", "mini-Q4_K_M"])
+@pytest.mark.parametrize("src", [TINY_F32, MINI_Q4], ids=["tiny-F32", "pydoc-Q4_K_M"])
 def test_mla_heads_swapped(src, tmp_path):
   rs, rd, dst, _ = _apply("mla_heads_swapped", src, tmp_path)
   n = "blk.0.attn_k_b.weight"
