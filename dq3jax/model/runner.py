@@ -139,6 +139,15 @@ def route_overrides(route_override, cfg: DeepseekV3Config, batch: int, t: int) -
   return tuple(out) if any(ov is not None for ov in out) else None
 
 
+def _checked(cfg, tokens, dtype, form, act_quant, kv_cache, route_override, default_form):
+  """The arguments every entry point validates: (Dtype, attention form, kv_cache, tokens [B, T] as numpy,
+  per-layer route overrides or None)."""
+  dtype = Dtype(dtype)
+  form = _form(form, act_quant, dtype, default_form)
+  tokens = np.asarray(tokens)
+  return dtype, form, _check_kv_cache(kv_cache), tokens, route_overrides(route_override, cfg, *tokens.shape)
+
+
 def _slice_override(ov: tuple | None, lo: int, hi: int) -> tuple | None:
   return None if ov is None else tuple(None if a is None else jnp.asarray(a[:, lo:hi]) for a in ov)
 
@@ -183,12 +192,9 @@ def evaluate(
   as the pass (its token first, then the following tokens or padding, which causal attention keeps from it,
   discarded), over a cache of 2T rows: one compilation per configuration instead of two.
   """
-  dtype = Dtype(dtype)
-  form = _form(form, act_quant, dtype, AttnForm.EXPANDED)
-  kv_cache = _check_kv_cache(kv_cache)
-  tokens = np.asarray(tokens)
+  dtype, form, kv_cache, tokens, ov = _checked(cfg, tokens, dtype, form, act_quant, kv_cache, route_override,
+                                                AttnForm.EXPANDED)
   b, t = tokens.shape
-  ov = route_overrides(route_override, cfg, b, t)
   size = t if decode_from is None else 2 * t
 
   def padded(a, lo, fill):  # a[:, lo:lo + t] along axis 1, padded with `fill` to t positions
@@ -318,12 +324,9 @@ def incremental_logits(
   """Logits [B, T, V] computed as one prefill of the first `prefill` tokens, then one token at a time
   through the latent KV cache. Equals `logits(...)` up to rounding. form: ABSORBED unless given or implied
   by act_quant (module doc); kv_cache and route_override as for `logits`."""
-  dtype = Dtype(dtype)
-  form = _form(form, act_quant, dtype, AttnForm.ABSORBED)
-  kv_cache = _check_kv_cache(kv_cache)
-  tokens = np.asarray(tokens)
+  dtype, form, kv_cache, tokens, ov = _checked(cfg, tokens, dtype, form, act_quant, kv_cache, route_override,
+                                                AttnForm.ABSORBED)
   b, t = tokens.shape
-  ov = route_overrides(route_override, cfg, b, t)
   with scope(dtype):
     p = cast_params(params, dtype)
     cache = transformer.init_cache(cfg, b, t, dtype.jnp)
@@ -376,12 +379,9 @@ def stagewise(
   Returns (per layer the records of both blocks, as `evaluate`'s intermediates, and the logits or None).
   layer_inputs[0] may be None (the embedding is used). route_override as for `evaluate`.
   """
-  dtype = Dtype(dtype)
-  form = _form(form, act_quant, dtype, AttnForm.EXPANDED)
-  kv_cache = _check_kv_cache(kv_cache)
-  tokens = np.asarray(tokens)
+  dtype, form, kv_cache, tokens, ov = _checked(cfg, tokens, dtype, form, act_quant, kv_cache, route_override,
+                                                AttnForm.EXPANDED)
   b, t = tokens.shape
-  ov = route_overrides(route_override, cfg, b, t)
   with scope(dtype):
     p = cast_params(params, dtype)
     q_positions = jnp.arange(t, dtype=jnp.int32)
