@@ -79,7 +79,9 @@ def _worst(report: diff.Report) -> tuple[dict, int, int]:
       put("intermediate_nmse", m.get("nmse"))
     elif r.kind is diff.TensorKind.STAGE:
       # blk.{i}.attention [stage] -> stage:attention
-      put("stage:" + r.name.removesuffix(diff.STAGE_TAG).split(".", 2)[-1], m.get("nmse"))
+      # blocks whose matmuls quantize no activation are judged at their own bound: a key of their own
+      unq = "" if m.get("activations_quantized", True) else ":unquantized"
+      put("stage:" + r.name.removesuffix(diff.STAGE_TAG).split(".", 2)[-1] + unq, m.get("nmse"))
     elif r.kind is diff.TensorKind.ROUTER_WEIGHTS:
       put("stage:topk_weights" if stage else "router_weights_nmse", m.get("nmse"))
     elif r.kind is diff.TensorKind.ROUTER_IDS:

@@ -58,6 +58,19 @@ def possible(golden: Golden, cand: Mapping[str, np.ndarray]) -> bool:
     k in cand for k in required(int(n)))
 
 
+def quantizes_activations(gguf_path: pathlib.Path, layer: int, *weights: str) -> bool:
+  """Whether llama.cpp's CPU backend converts the activations of any matmul weight under params subtree
+  layers.<layer>.<weights...> of the file (to Q8_K, Q8_0, F16 ...: the weight's vec_dot type is not F32)."""
+  from dq3jax.model.act_quant import vec_dot_type  # noqa: PLC0415
+
+  _, _, aq = _load(str(gguf_path))
+  prefix = ("layers", str(layer), *weights)
+  types = [t for p, t in aq.weights if p[: len(prefix)] == prefix]
+  if not types:
+    raise KeyError(f"{gguf_path}: no matmul weight under {'.'.join(prefix)}")
+  return any(vec_dot_type(t) != "F32" for t in types)
+
+
 def stage_inputs(cand: Mapping[str, np.ndarray], n_layers: int) -> tuple[list, list, np.ndarray]:
   """(layer inputs [T, d] (None for layer 0: the embedding), attention outputs [T, d], last hidden [T, d])."""
   layer_inputs = [None] + [cand[f"blk.{i - 1}.hidden_after_mlp"] for i in range(1, n_layers)]

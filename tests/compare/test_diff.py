@@ -411,3 +411,17 @@ def test_a_one_percent_error_in_one_stage_is_found_there(tmp_path):
   assert not [n for n in failed if n.startswith(("blk.0.", "blk.1."))], failed
   fd = rep["first_divergence"]
   assert (fd["layer"], fd["tensor"], fd["token"]) == (2, "blk.2.feed-forward [stage]", 5)
+
+
+def test_which_stages_quantize_activations_follows_the_files_types():
+  # The unquantized stage bound applies exactly where llama.cpp's CPU backend converts no activation: every
+  # block of an F32 file, and the router (ffn_gate_inp stays F32 in every recipe); quantized blocks otherwise.
+  from dq3jax.compare import stagewise  # noqa: PLC0415
+
+  models = GOLDENS / "models" / "v3-pydoc" / "gguf"
+  f32, q4 = models / "F32.gguf", models / "Q4_K_M.gguf"
+  assert [stagewise.quantizes_activations(f32, i, b) for i in range(3) for b in ("attn", "mlp")] == [False] * 6
+  assert [stagewise.quantizes_activations(q4, i, b) for i in range(3) for b in ("attn", "mlp")] == [True] * 6
+  assert [stagewise.quantizes_activations(q4, i, "mlp", "router") for i in (1, 2)] == [False, False]
+  with pytest.raises(KeyError, match="no matmul weight under layers.0.mlp.router"):
+    stagewise.quantizes_activations(q4, 0, "mlp", "router")  # layer 0 is dense: it has no router
