@@ -28,6 +28,8 @@ import zlib
 
 import numpy as np
 
+from dq3jax.io import sigterm
+
 FORMAT_VERSION = 2
 KERNEL_DIR = "kernels"
 ROWS_PER_KIND = 4
@@ -214,28 +216,33 @@ def write(out: pathlib.Path, progress: bool = True, jobs: int = 2) -> None:
   files, manifest = build(progress, root=out, jobs=jobs)
   _note_changed_inputs(out, manifest)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".goldens-new-", dir=out.parent))
-  old = out.parent / f"{tmp.name.replace('-new-', '-old-')}"
-  try:
-    for rel, blob in files.items():
-      (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-      (tmp / rel).write_bytes(blob)
-    (tmp / "manifest.json").write_bytes(_manifest_bytes(manifest))
-    # Two renames: the previous goldens move aside, the new ones take their place; if the second
-    # rename fails the previous ones are moved back, so `out` is never left half-written.
-    had_old = out.exists()
-    if had_old:
-      os.replace(out, old)
+  with sigterm.as_exception():  # SIGTERM, like Ctrl-C, reaches the cleanup below
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".goldens-new-", dir=out.parent))
+    old = out.parent / f"{tmp.name.replace('-new-', '-old-')}"
+    swapped = False
     try:
-      os.replace(tmp, out)
-    except BaseException:
+      for rel, blob in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(blob)
+      (tmp / "manifest.json").write_bytes(_manifest_bytes(manifest))
+      # Two renames: the previous goldens move aside, the new ones take their place; if the second
+      # rename fails the previous ones are moved back, so `out` is never left half-written.
+      had_old = out.exists()
       if had_old:
-        os.rename(old, out)
-      raise
-    if had_old:
-      shutil.rmtree(old)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(out, old)
+      try:
+        os.replace(tmp, out)
+      except BaseException:
+        if had_old:
+          os.rename(old, out)
+        raise
+      swapped = True
+      if had_old:
+        shutil.rmtree(old)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+      if swapped and old.exists():  # replaced goldens whose removal an interruption cut short
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _note_changed_inputs(out: pathlib.Path, manifest: dict) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -91,3 +95,46 @@ def test_dq3jax_main_dispatches_quantize(ckpt, tmp_path, capsys):
   out = tmp_path / "m.gguf"
   assert dq3jax_cli.main(["quantize", ckpt[1], str(out), "--recipe", "BF16", "--no-progress"]) == 0
   assert "recipe BF16" in capsys.readouterr().out and gguf_read.is_gguf(out)
+
+
+# Run in a subprocess: `dq3jax quantize` through dq3jax.cli.main, with dq3jax.quantize slowed so that the
+# signal reliably arrives while the output is being written (after the header, inside the first tensor).
+_SLOW_QUANTIZE = """
+import sys, time
+import dq3jax
+from dq3jax import cli
+
+def slow(*args, **kwargs):
+  print("quantizing", file=sys.stderr, flush=True)
+  time.sleep(300)
+
+dq3jax.quantize = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_writing_removes_the_temp_file(ckpt, tmp_path):
+  _, d = ckpt
+  out = tmp_path / "m.gguf"
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _SLOW_QUANTIZE, "quantize", d, str(out), "--recipe", "Q8_0", "--no-progress"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    # The temp file is atomic_path's: ".m.gguf.<random>.tmp" beside the output.
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(".m.gguf.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.05)
+    first = proc.stderr.readline()  # printed by the first quantize call: the header is written by then
+    assert first == "quantizing\n" and [p.name for p in tmp_path.glob(".m.gguf.*.tmp")], first
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  assert "Traceback" not in err
+  assert os.listdir(tmp_path) == []

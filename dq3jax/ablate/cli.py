@@ -59,7 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--report", default=None, help="write everything as JSON (atomically)")
   p.add_argument("--plot", default=None, help="PNG: mean KLD against bits per weight (+ P-sensitivity.png)")
   p.add_argument("--sensitivity", action="store_true", help="also rank tensor classes by the KLD each adds")
-  p.add_argument("--sensitivity-type", default="Q2_K", help="type for --sensitivity (default Q2_K)")
+  # No default here: None tells "not given" from "given as Q2_K", which without --sensitivity is an error too.
+  p.add_argument("--sensitivity-type", default=None, help="type for --sensitivity (default Q2_K)")
   p.add_argument("--rules", choices=["current", "legacy"], default="current", help="llama.cpp rule set")
   p.add_argument(
     "--layout",
@@ -80,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
   from dq3jax.ablate.run import AblationSpec, setup  # noqa: PLC0415
   from dq3jax.ablate.run import run as run_ablation  # noqa: PLC0415
 
+  if args.sensitivity_type is not None and not args.sensitivity:
+    raise ValueError(
+      f"--sensitivity-type {args.sensitivity_type} needs --sensitivity (it sets that map's type)"
+    )
   spec = AblationSpec(
     checkpoint=args.checkpoint,
     recipes=tuple(r.strip() for r in args.recipes.split(",") if r.strip()),
@@ -95,10 +100,8 @@ def run(args: argparse.Namespace) -> int:
     layout=args.layout,
     imatrix=args.imatrix,
     sensitivity=args.sensitivity,
-    sensitivity_type=args.sensitivity_type,
+    sensitivity_type="Q2_K" if args.sensitivity_type is None else args.sensitivity_type,
   )
-  if args.sensitivity_type != "Q2_K" and not args.sensitivity:
-    raise ValueError("--sensitivity-type needs --sensitivity")
   for opt, path in (("--report", args.report), ("--plot", args.plot)):
     _check_writable(opt, path)
   checked = setup(spec)  # every input error, before any work

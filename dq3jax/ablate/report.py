@@ -16,6 +16,7 @@ from typing import Any
 from dq3jax.ablate.run import AblationResult, RecipeResult
 from dq3jax.ablate.sensitivity import SensitivityResult, UnitResult, class_label
 from dq3jax.compare.logit_stats import LogitStats, format_llama_perplexity
+from dq3jax.io import sigterm
 
 FORMAT_VERSION = 1
 
@@ -218,12 +219,13 @@ def _atomic(path: str | os.PathLike, write) -> None:
   p = pathlib.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-  try:
-    write(str(tmp))
-    os.replace(tmp, p)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+  with sigterm.as_exception():  # SIGTERM, like Ctrl-C, reaches the cleanup below
+    try:
+      write(str(tmp))
+      os.replace(tmp, p)
+    except BaseException:
+      tmp.unlink(missing_ok=True)
+      raise
 
 
 def write_json(result: AblationResult, path: str | os.PathLike) -> None:

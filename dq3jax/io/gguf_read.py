@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import dq3jax
-from dq3jax.io import gguf_layout, gguf_meta
+from dq3jax.io import finite, gguf_layout, gguf_meta
 from dq3jax.io.gguf_layout import Kind
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.qtypes import REGISTRY
@@ -105,6 +105,30 @@ class GGUFFile:
     if first_slices is not None:
       shape[0] = first_slices
     return dq3jax.dequantize(self.raw(name, first_slices=first_slices), q, tuple(shape))
+
+  def check_finite(self, name: str, a: np.ndarray) -> finite.NonFiniteError | None:
+    """The error describing the first NaN/Inf in `a` (all of tensor `name` as `array` returns it, or its first
+    slices), or None if `a` is finite. Quantized types: the block holding it and where that block is."""
+    found = finite.scan(a)
+    if found is None:
+      return None
+    t = self.tensor(name)
+    q = REGISTRY[t.type_id]
+    what = f"{self.path}: tensor {name!r} ({t.type_name}, ne {list(t.ne)})"
+    if q.block_elems == 1:
+      msg = (
+        f"{what}: {found.count} non-finite value(s); the first is {found.element()}, "
+        f"at byte offset {t.offset + found.flat * q.block_bytes}"
+      )
+    else:
+      block = found.flat // q.block_elems
+      start = t.offset + block * q.block_bytes
+      msg = (
+        f"{what}: {found.count} non-finite value(s) after dequantization; the first, {found.element()}, "
+        f"is in block {block} (bytes [{start}, {start + q.block_bytes}) of the file): "
+        "its quants are integers, so an fp16 scale of that block (d, dmin) is Inf or NaN"
+      )
+    return finite.NonFiniteError(msg, path=self.path, tensor=name, finding=found)
 
 
 class _Cursor:
@@ -269,11 +293,21 @@ def load(
   experts: int | None = None,
   v3_defaults: bool = False,
   progress: bool = False,
+  on_nonfinite: finite.OnNonFinite = None,
 ) -> tuple[DeepseekV3Config, dict]:
   """(config, float32 numpy params) of a deepseek2 GGUF, optionally truncated (see DeepseekV3Config.truncate).
 
   Same return shape as dq3jax.io.safetensors_ckpt.load, so `runner.logits(params, tokens, cfg)` runs the file.
+  A tensor with NaN/Inf (stored, or from an Inf/NaN block scale) raises finite.NonFiniteError, or with
+  `on_nonfinite` is passed to it and loaded as it is.
   """
+
+  def checked(name: str, a: np.ndarray) -> np.ndarray:
+    error = f.check_finite(name, a)
+    if error is not None:
+      finite.report(error, on_nonfinite)
+    return a
+
   full, layout, f = load_config(path, v3_defaults=v3_defaults)
   cfg = full.truncate(layers=layers, experts=experts)
   want = gguf_layout.tensors(cfg, layout)
@@ -285,7 +319,7 @@ def load(
     if fused is not None:
       # Newer converters may store ffn_gate_up_exps = concat(gate, up) along the expert's output rows.
       _check_ne(f, fused, (t.ne[0], 2 * t.ne[1], full.n_routed_experts))
-      a = f.array(fused, first_slices=e)
+      a = checked(fused, f.array(fused, first_slices=e))
       half = t.ne[1]
       built.set(m.path, np.ascontiguousarray(a[:, :half] if "gate" in t.name.split(".")[2] else a[:, half:]))
       continue
@@ -302,6 +336,7 @@ def load(
       a = f.array(name)[:e]
     else:
       a = f.array(name)
+    checked(name, a)  # every array above is a leading part of the tensor: flat indices are the file's
     built.add(t.name, np.ascontiguousarray(a))
   return cfg, built.tree
 

@@ -3,7 +3,8 @@
 All tensor infos (name, ne, type, size) are declared up front, then each tensor's bytes are produced and written
 one at a time, so peak memory is one tensor, not the model. The file is written under a temporary name in the
 destination directory and moved into place with os.replace only after the last byte is flushed and synced: an
-interrupted or failing run leaves the destination as it was (absent, or the previous file) and no temp file.
+interrupted (Ctrl-C, SIGTERM) or failing run leaves the destination as it was (absent, or the previous file)
+and no temp file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from dq3jax.io import sigterm
 from dq3jax.qtypes import QType
 
 
@@ -42,20 +44,22 @@ class TensorJob:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-  """Yields a temp path next to `path`; on success it replaces `path`, on any exception it is removed."""
+  """Yields a temp path next to `path`; on success it replaces `path`, on any exception (SIGTERM included,
+  see dq3jax.io.sigterm) it is removed."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-  os.close(fd)
-  try:
-    yield tmp
-    with open(tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:  # KeyboardInterrupt too: never leave a partial file behind
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
+  with sigterm.as_exception():
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+      os.close(fd)
+      yield tmp
+      with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: never leave a partial file behind
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+      raise
 
 
 def write_gguf(

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from dq3jax.io import fp8, hf_names
+from dq3jax.io import finite, fp8, hf_names
 from dq3jax.io.safetensors_format import (
   DTYPES,
+  NAMES,
   CheckpointError,
   ReadLog,
   TensorInfo,
@@ -47,6 +48,11 @@ class HFCheckpoint:
   def __init__(self, directory: str, *, log: ReadLog | None = None):
     self.directory = directory
     self.log = log if log is not None else ReadLog()
+    if not os.path.isdir(directory):
+      found = "a file" if os.path.exists(directory) else "nothing there"
+      raise CheckpointError(
+        f"{directory}: expected an HF checkpoint directory (config.json + *.safetensors), found {found}"
+      )
     config_path = os.path.join(directory, "config.json")
     try:
       with open(config_path) as f:
@@ -123,6 +129,31 @@ class HFCheckpoint:
       raise CheckpointError(f"{path}: tensor {spec.hf_name!r} has unsupported dtype {info.dtype}")
     return read_tensor(path, spec.hf_name, info, self.log).astype(np.float32)
 
+  def check_finite(self, spec: hf_names.TensorSpec, w: np.ndarray) -> finite.NonFiniteError | None:
+    """The error describing the first NaN/Inf in `w` (what `weight(spec)` returned), or None if it is finite.
+    For FP8 it names the stored element if that is NaN, else the weight_scale_inv entry that scaled it."""
+    found = finite.scan(w)
+    if found is None:
+      return None
+    path, info = self.info(spec.hf_name)
+    msg = f"{path}: tensor {spec.hf_name!r} ({NAMES[info.dtype]}, shape {list(info.shape)}): {found.count} "
+    msg += f"non-finite value(s){' after FP8 dequantization' if info.dtype == DTYPES['F8_E4M3'] else ''}; "
+    msg += f"the first is {found.element()}"
+    stored = read_tensor(path, spec.hf_name, info)
+    if info.dtype != DTYPES["F8_E4M3"] or np.isnan(np.float32(stored[found.index])):
+      msg += f", at byte offset {info.begin + found.flat * info.dtype.itemsize}"
+    else:
+      scale_name = hf_names.scale_name(spec.hf_name)
+      scale_path, scale_info = self.info(scale_name)
+      at = tuple(i // fp8.BLOCK for i in found.index)
+      value = float(read_tensor(scale_path, scale_name, scale_info)[at])
+      offset = scale_info.begin + int(np.ravel_multi_index(at, scale_info.shape)) * scale_info.dtype.itemsize
+      msg += (
+        f", whose stored FP8 value is finite, so the cause is its block scale {scale_name!r} {list(at)} = "
+        f"{value} in {scale_path} (byte offset {offset})"
+      )
+    return finite.NonFiniteError(msg, path=path, tensor=spec.hf_name, finding=found)
+
 
 def needed_specs(full: DeepseekV3Config, cfg: DeepseekV3Config) -> Iterator[hf_names.TensorSpec]:
   """Specs (with the file's full shapes) of the tensors a truncation `cfg` of `full` keeps."""
@@ -139,14 +170,21 @@ def load(
   progress: bool = False,
   round_fp8_to_bf16: bool = False,
   log: ReadLog | None = None,
+  on_nonfinite: finite.OnNonFinite = None,
 ) -> tuple[DeepseekV3Config, dict]:
-  """(config, float32 numpy params) of a checkpoint, optionally truncated (see DeepseekV3Config.truncate)."""
+  """(config, float32 numpy params) of a checkpoint, optionally truncated (see DeepseekV3Config.truncate).
+
+  A weight with NaN/Inf raises finite.NonFiniteError, or with `on_nonfinite` is passed to it and loaded as is.
+  """
   ckpt = HFCheckpoint(directory, log=log)
   cfg = ckpt.config.truncate(layers=layers, experts=experts)
   tree: dict = {}
   specs = list(needed_specs(ckpt.config, cfg))
   for spec in tqdm(specs, desc="loading", unit="tensor", disable=not progress):
     array = ckpt.weight(spec, round_bf16=round_fp8_to_bf16)
+    error = ckpt.check_finite(spec, array)
+    if error is not None:
+      finite.report(error, on_nonfinite)
     if spec.path[-1] in ("router", "router_bias"):
       array = np.ascontiguousarray(array[: cfg.n_routed_experts])  # first E router rows / bias entries
     hf_names.set_leaf(tree, spec, array, cfg.n_routed_experts)

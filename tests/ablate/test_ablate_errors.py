@@ -92,5 +92,14 @@ def test_sensitivity_type_and_legacy_fallback(capsys):
   _fails(capsys, ["--recipes", "Q2_K", "--rules", "legacy"], "attn_k_b", "IQ4_NL", "cannot quantize")
 
 
+@pytest.mark.parametrize("value", ["Q2_K", "q2_k", "Q8_0"])
+def test_sensitivity_type_without_sensitivity_even_the_default(capsys, value):
+  # Q2_K is the default type: giving it explicitly without --sensitivity used to pass unnoticed.
+  assert cli.main(["ablate", *TINY, "--sensitivity-type", value, "--no-progress"]) == 2
+  assert capsys.readouterr().err == (
+    f"dq3jax ablate: error: --sensitivity-type {value} needs --sensitivity (it sets that map's type)\n"
+  )
+
+
 def test_missing_checkpoint(capsys, tmp_path):
   _fails(capsys, [str(tmp_path / "nope")], "not a directory")
