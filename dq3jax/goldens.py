@@ -102,6 +102,9 @@ def cpu_model() -> str:
 
 
 def _environment() -> dict:
+  """What the manifest records of the generator: only what the code pins (format, generator version, the
+  exactly pinned jax/jaxlib/gguf), so that a regeneration on another machine leaves the manifest unchanged
+  too. Where it ran (CPU, XLA flags, numpy) is printed instead (`machine()`), not stored."""
   import gguf  # noqa: PLC0415
   import jax  # noqa: PLC0415
   import jaxlib  # noqa: PLC0415
@@ -111,12 +114,18 @@ def _environment() -> dict:
   return {
       "format_version": FORMAT_VERSION,
       "generator_version": dq3jax.__version__,
-      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
+      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                    "gguf": getattr(gguf, "__version__", "unknown")},
-      "platform": {"machine": platform.machine(), "system": platform.system(), "backend": jax.default_backend(),
-                   "cpu": cpu_model()},
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
+
+
+def machine() -> str:
+  """One line on where the goldens were computed (printed by `dq3jax goldens`, not part of any file)."""
+  import jax  # noqa: PLC0415
+
+  flags = os.environ.get("XLA_FLAGS", "")
+  return (f"{platform.machine()} {cpu_model()}, backend {jax.default_backend()}, numpy {np.__version__}"
+          + (f", XLA_FLAGS={flags}" if flags else ""))
 
 
 def _kernel_files(params: list[tuple[str, str]]) -> tuple[list[tuple[str, bytes, dict]], list[str]]:
@@ -308,5 +317,5 @@ def run(args) -> int:
     print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
   write(root, progress=not args.no_progress, jobs=args.jobs)
-  print(f"wrote {root}")
+  print(f"wrote {root} (computed on {machine()})")
   return 0
