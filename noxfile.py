@@ -4,7 +4,7 @@
   nox -s crosscheck  kernels vs ggml at 10x the default size, under default XLA flags and
                      under --xla_cpu_max_isa=AVX (no FMA), plus the model vs transformers
   nox -s bench       throughput vs ggml and forward time vs transformers, measured in one run
-  nox -s lint        ruff
+  nox -s lint        ruff check and ruff format --check
   nox -s goldens     regenerate goldens/ from seeds and verify it
   nox -s retrain     retrain v3-pydoc into goldens/models/v3-pydoc (hf/ and train/; ~20 min on 2 cores);
                      `nox -s goldens` never retrains, it reads these committed files
@@ -19,7 +19,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 PY = "3.11"
 # torch is pinned to the CPU wheel these machines carry; any other version pulls a CUDA build.
-INSTALL = [".[test,reference]"]
+INSTALL = [".[test,reference,ablate]"]
 
 
 def _install(session):
@@ -57,7 +57,9 @@ def bench(session):
 @nox.session(python=PY)
 def lint(session):
   session.install("ruff>=0.6")
-  session.run("ruff", "check", "dq3jax", "reference", "tests", "benchmarks", "noxfile.py")
+  paths = ["dq3jax", "reference", "tests", "benchmarks", "noxfile.py"]
+  session.run("ruff", "check", *paths)
+  session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session(python=PY)
@@ -73,5 +75,5 @@ def goldens(session):
 def retrain(session):
   """Train v3-pydoc on this Python's reference manual and overwrite its committed checkpoint and report."""
   session.install("pip>=24")
-  session.install(".")
+  session.install(".[ablate]")  # tokenizers
   session.run("python", "-m", "dq3jax.train", "goldens/models/v3-pydoc", *session.posargs)

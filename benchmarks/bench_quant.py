@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 import dq3jax
-from dq3jax.qtypes import REGISTRY
+from dq3jax.qtypes import computable
 from reference import ggml_ref
 
 
@@ -31,7 +31,7 @@ def run(rows: int = 256, n: int = 4096, repeats: int = 3, types: list[str] | Non
   x = (rng.standard_normal((rows, n)) * 0.02).astype(np.float32)
   imatrix = (rng.standard_normal(n) ** 2).astype(np.float32)
   results = []
-  for q in REGISTRY.values():
+  for q in computable():
     if types and q.name not in types:
       continue
     for mode in ("ref", "imatrix") if q.uses_imatrix else ("ref",):

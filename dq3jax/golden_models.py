@@ -123,8 +123,8 @@ def evaluate_gguf(gguf_path, tokens: np.ndarray, *, prefill: int, emulation: str
                   route_override=None):  # fmt: skip
   """runner.evaluate (float64) of a GGUF on tokens [T] in one emulation; route_override {layer: [T, K]}."""
   from dq3jax.io import gguf_read  # noqa: PLC0415
+  from dq3jax.io.gguf_act_quant import act_quant_from_gguf  # noqa: PLC0415
   from dq3jax.model import runner  # noqa: PLC0415
-  from dq3jax.model.act_quant import act_quant_from_gguf  # noqa: PLC0415
   from dq3jax.model.mla import AttnForm  # noqa: PLC0415
 
   if emulation not in EMULATIONS:

@@ -15,7 +15,6 @@ regenerated here.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -44,9 +43,9 @@ def _kinds():
 
 
 def kernel_params() -> list[tuple[str, str]]:
-  from dq3jax.qtypes import REGISTRY  # noqa: PLC0415
+  from dq3jax.qtypes import computable  # noqa: PLC0415
 
-  return [(q.name, m) for q in REGISTRY.values() for m in (("ref", "imatrix") if q.uses_imatrix else ("ref",))]
+  return [(q.name, m) for q in computable() for m in (("ref", "imatrix") if q.uses_imatrix else ("ref",))]
 
 
 def seed_of(type_name: str, mode: str) -> int:
@@ -295,27 +294,3 @@ def check(root: pathlib.Path, regenerate: bool = True, progress: bool = True, jo
       if rel not in files:
         problems.append(f"{root / rel}: in the manifest but no longer generated")
   return problems
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-  p = subparsers.add_parser("goldens", help="regenerate goldens/ from seeds, or verify it (--check)")
-  p.add_argument("--dir", default="goldens", help="goldens directory (default: goldens)")
-  p.add_argument("--check", action="store_true", help="verify against the manifest and a fresh regeneration")
-  p.add_argument("--no-regenerate", action="store_true", help="with --check: hashes only")
-  p.add_argument("--no-progress", action="store_true")
-  p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2; 1: none)")
-  p.set_defaults(func=run)
-  return p
-
-
-def run(args) -> int:
-  root = pathlib.Path(args.dir)
-  if args.check:
-    problems = check(root, regenerate=not args.no_regenerate, progress=not args.no_progress, jobs=args.jobs)
-    for line in problems:
-      print(line, file=sys.stderr)
-    print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
-    return 1 if problems else 0
-  write(root, progress=not args.no_progress, jobs=args.jobs)
-  print(f"wrote {root} (computed on {machine()})")
-  return 0

@@ -176,9 +176,12 @@ def _regenerate(plan, xla_flags):
 
 def test_regeneration_under_another_isa_reproduces_the_committed_bytes():
   # v3-tiny entirely (HF, GGUF, outputs), and v3-pydoc's F32 and Q4_K_M outputs in all three emulations
-  # computed from the committed GGUFs; under AVX2 (no AVX-512) and under default flags, concurrently.
+  # computed from the committed GGUFs, under AVX2 (no AVX-512), against the committed bytes (made under
+  # default flags on an AMD EPYC; a full regeneration on an Intel Xeon matched them too). The same under this
+  # machine's default flags is what `nox -s goldens` and `dq3jax goldens --check` show; it is not repeated
+  # here (2 minutes of CPU, of a suite that is compile-bound).
   plan = {"v3-tiny": [list(RECIPES), False], "v3-pydoc": [["F32", "Q4_K_M"], True]}
-  runs = {flags: _regenerate(plan, flags) for flags in ("--xla_cpu_max_isa=AVX2", "")}
+  runs = {flags: _regenerate(plan, flags) for flags in ("--xla_cpu_max_isa=AVX2",)}
   want = {r for r in FILES if r.startswith("models/v3-tiny/")}
   want |= {_outputs("v3-pydoc", r, v) for r in ("F32", "Q4_K_M") for v in VARIANTS}
   for flags, proc in runs.items():

@@ -1,4 +1,4 @@
-"""`dq3jax quantize` end to end on small HF checkpoints (FP8, sharded), through its argparse entry point."""
+"""`dq3jax quantize` end to end on small HF checkpoints (FP8, sharded), through dq3jax.cli.main."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from dq3jax.convert import cli
+from dq3jax import cli
 from dq3jax.io import gguf_meta, gguf_read, hf_writer, safetensors_ckpt
 from dq3jax.io.imatrix import write_gguf as write_imatrix
 from dq3jax.model import runner
@@ -79,21 +79,21 @@ def test_quantize_with_imatrix_file(ckpt, tmp_path):
 def test_quantize_errors(ckpt, tmp_path, capsys, args, msg):
   _, d = ckpt
   out = tmp_path / "m.gguf"
-  assert cli.main(["quantize", d, str(out), *args, "--no-progress"]) == 1
-  assert msg in capsys.readouterr().err
+  assert cli.main(["quantize", d, str(out), *args, "--no-progress"]) == 2  # bad input
+  err = capsys.readouterr().err
+  assert err.startswith("dq3jax quantize: error: ") and msg in err
   assert os.listdir(tmp_path) == []
 
 
 def test_quantize_missing_checkpoint(tmp_path, capsys):
-  assert cli.main(["quantize", str(tmp_path / "nope"), str(tmp_path / "m.gguf"), "--recipe", "F16"]) == 1
+  assert cli.main(["quantize", str(tmp_path / "nope"), str(tmp_path / "m.gguf"), "--recipe", "F16"]) == 2
   assert "config.json" in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []
 
 
-def test_dq3jax_main_dispatches_quantize(ckpt, tmp_path, capsys):
-  from dq3jax import cli as dq3jax_cli
-
+def test_quantize_bf16(ckpt, tmp_path, capsys):
   out = tmp_path / "m.gguf"
-  assert dq3jax_cli.main(["quantize", ckpt[1], str(out), "--recipe", "BF16", "--no-progress"]) == 0
+  assert cli.main(["quantize", ckpt[1], str(out), "--recipe", "BF16", "--no-progress"]) == 0
   assert "recipe BF16" in capsys.readouterr().out and gguf_read.is_gguf(out)
 
 

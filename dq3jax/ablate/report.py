@@ -254,10 +254,10 @@ def _title(result: AblationResult) -> str:
 def write_plots(result: AblationResult, path: str | os.PathLike) -> list[pathlib.Path]:
   """Mean KLD (log scale) against bits per weight, one labelled point per recipe with its standard error; with
   a sensitivity map, a second PNG (`sensitivity_plot_path`) of its ranked bars. Returns the files written."""
-  import matplotlib  # noqa: PLC0415
+  from dq3jax.extras import require  # noqa: PLC0415
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  require("matplotlib", "--plot").use("Agg")
+  plt = require("matplotlib.pyplot", "--plot")
 
   written = []
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)

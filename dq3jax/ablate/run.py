@@ -402,8 +402,9 @@ def _eval_tokens(spec: AblationSpec, cfg: DeepseekV3Config, directory: str | Non
     tok_path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(tok_path):
       raise ValueError(f"--text {spec.text}: {tok_path} not found (needed to tokenize the text)")
-    from tokenizers import Tokenizer  # noqa: PLC0415
+    from dq3jax.extras import require  # noqa: PLC0415
 
+    Tokenizer = require("tokenizers", "--text").Tokenizer  # noqa: N806
     with open(spec.text, encoding="utf-8") as f:
       text = f.read()
     ids = np.asarray(Tokenizer.from_file(tok_path).encode(text).ids, np.int64)

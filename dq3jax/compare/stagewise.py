@@ -36,7 +36,7 @@ ATTN, FFN, HEAD = "attention", "feed-forward", "head"
 @functools.lru_cache(maxsize=2)
 def _load(path: str):
   from dq3jax.io import gguf_read  # noqa: PLC0415
-  from dq3jax.model.act_quant import act_quant_from_gguf  # noqa: PLC0415
+  from dq3jax.io.gguf_act_quant import act_quant_from_gguf  # noqa: PLC0415
 
   cfg, params = gguf_read.load(path)
   # Stage by stage the oracle starts from the candidate's own float32 values, so it can follow llama.cpp's

@@ -140,10 +140,12 @@ def make_jobs(
     try:
       q = qtype_of(ty)
     except ValueError:
+      q = None
+    if q is None or not q.computable:  # e.g. IQ4_NL: the registry knows its size, not how to compute it
       raise RecipeError(
         f"{t.name}: recipe {plan.recipe.name} ({plan.rules.name} rules) gives {ty}"
         f"{f' (fallback from {t.fallback_from})' if t.fallback_from else ''}, which dq3jax cannot quantize"
-      ) from None
+      )
     rows_imat = _imatrix_rows(imatrix, t, ty, plan.recipe, cfg) if t.quantized else None
     if t.requires_imatrix and rows_imat is None:
       raise ValueError(

@@ -94,12 +94,12 @@ class GGUFFile:
   def array(self, name: str, *, first_slices: int | None = None) -> np.ndarray:
     """float32 data of a tensor in torch layout (optionally only its first ne[-1] slices)."""
     t = self.tensor(name)
-    q = REGISTRY.get(t.type_id)
-    if q is None or not q.storable:
+    q = REGISTRY[t.type_id]
+    if not (q.storable and q.computable):
       raise GGUFError(
         f"{self.path}: tensor {name!r} (header entry at offset {t.info_offset}) has type {t.type_name} "
         f"(id {t.type_id}), which dq3jax cannot dequantize; supported: "
-        f"{', '.join(x.name for x in REGISTRY.values() if x.storable)}"
+        f"{', '.join(x.name for x in REGISTRY.values() if x.storable and x.computable)}"
       )
     shape = list(t.torch_shape)
     if first_slices is not None:
@@ -219,17 +219,23 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     type_at = c.pos
     type_id = c.unpack("<I", f"type of tensor {name!r}")
     offset = c.unpack("<Q", f"data offset of tensor {name!r}")
-    try:
-      gt = gguf.GGMLQuantizationType(type_id)
-    except ValueError:
-      raise c.fail(f"tensor {name!r} has unknown ggml type id {type_id}", type_at) from None
-    block, type_size = gguf.GGML_QUANT_SIZES[gt]
-    if ne[0] % block:
+    q = REGISTRY.get(type_id)
+    if q is None:
+      # The data's extent needs the type's block geometry, which only the registry states.
+      try:
+        known = gguf.GGMLQuantizationType(type_id).name
+      except ValueError:
+        raise c.fail(f"tensor {name!r} has unknown ggml type id {type_id}", type_at) from None
       raise c.fail(
-        f"tensor {name!r}: ne[0] = {ne[0]} is not a multiple of the {gt.name} block size {block}", at
+        f"tensor {name!r} has ggml type {known} (id {type_id}), which dq3jax's type registry does not know",
+        type_at,
       )
-    nbytes = int(np.prod(ne, dtype=np.int64)) // block * type_size
-    infos.append((name, ne, type_id, gt.name, offset, nbytes, at))
+    if ne[0] % q.block_elems:
+      raise c.fail(
+        f"tensor {name!r}: ne[0] = {ne[0]} is not a multiple of the {q.name} block size {q.block_elems}", at
+      )
+    nbytes = int(np.prod(ne, dtype=np.int64)) // q.block_elems * q.block_bytes
+    infos.append((name, ne, type_id, q.name, offset, nbytes, at))
   data_offset = -(-c.pos // alignment) * alignment
   tensors: dict[str, TensorEntry] = {}
   for name, ne, type_id, type_name, offset, nbytes, at in infos:

@@ -2,15 +2,16 @@
 
 ggml's CPU backend never multiplies float32 activations by a quantized weight directly. `mul_mat` and
 `mul_mat_id` first convert each activation row to the weight type's `vec_dot_type` (`type_traits_cpu` in
-ggml-cpu.c; VEC_DOT_TYPE below) and then run integer (or half-precision) dot products. That rounding of the
-activations, not the dot product's summation order, is the dominant difference between llama.cpp's logits
-and the oracle's float32 logits on the same GGUF. This module reproduces it as `dequant(quant(x))`, which the
-model then multiplies by the dequantized weight in float32. The dot product itself is not emulated (ggml sums
-integer block products and then scales them, in another order). Positions then agree with llama.cpp to float32
-rounding, except downstream of a code flip: a float32-level difference that moves one activation across a
-rounding boundary changes it by a whole quantization step, and that difference spreads to later layers and
-positions. dq3jax shows the same spread against itself (full-sequence vs incremental evaluation), so it is the
-floor of any float32 emulation; tests/model/test_act_quant.py has the measurements.
+ggml-cpu.c; the registry, dq3jax.qtypes, records it per type) and then run integer (or half-precision) dot
+products. That rounding of the activations, not the dot product's summation order, is the dominant difference
+between llama.cpp's logits and the oracle's float32 logits on the same GGUF. This module reproduces it as
+`dequant(quant(x))`, which the model then multiplies by the dequantized weight in float32. The dot product
+itself is not emulated (ggml sums integer block products and then scales them, in another order). Positions
+then agree with llama.cpp to float32 rounding, except downstream of a code flip: a float32-level difference
+that moves one activation across a rounding boundary changes it by a whole quantization step, and that
+difference spreads to later layers and positions. dq3jax shows the same spread against itself (full-sequence
+vs incremental evaluation), so it is the floor of any float32 emulation; tests/model/test_act_quant.py has the
+measurements.
 
 Which quantizer runs (llama-cpp-python 0.3.36 as built on this x86-64 machine, AVX2 and AVX-512; the routines
 are in ggml-cpu/arch/x86, the table's `from_float` points at them):
@@ -35,18 +36,16 @@ F16 cache rounds the cache and both attention activations to fp16 (mla.py, kv_ca
 In float64 (the goldens' mode) an activation is rounded to float32 once and then quantized by the same
 float32 code; `rounded` also counts the undecided points of that rounding (dq3jax.model.undecided).
 
-`ActQuant` records, per weight, the ggml type it is stored in; `act_quant_from_gguf` reads it from a file. The
-model threads it through its layers as `aq` (scoped to the current params subtree with `scope`) and calls
-`apply(aq, x, name)` on the activation that meets weight `name`; `apply(None, ...)` returns x itself, so a
-model run without emulation is unchanged bit for bit.
+`ActQuant` records, per weight (by params path), the ggml type it is stored in; io/gguf_act_quant.py reads it
+from a GGUF (the model knows no files). The model threads it through its layers as `aq` (scoped to the current
+params subtree with `scope`) and calls `apply(aq, x, name)` on the activation that meets weight `name`;
+`apply(None, ...)` returns x itself, so a model run without emulation is unchanged bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import re
 from collections.abc import Mapping
 
 import jax
@@ -54,47 +53,40 @@ import jax.numpy as jnp
 from jax import lax
 
 from dq3jax.model import undecided
+from dq3jax.qtypes import REGISTRY, GGMLType, qtype_of
 from dq3jax.quant._arith import f16_bits_to_f32_bits, f32_bits_to_f16_bits
 
-# ggml-cpu.c type_traits_cpu[weight type].vec_dot_type, for the weight types dq3jax reads.
-VEC_DOT_TYPE: Mapping[str, str] = {
-  "F32": "F32",
-  "F16": "F16",
-  "BF16": "BF16",
-  "Q4_0": "Q8_0",
-  "Q5_0": "Q8_0",
-  "Q8_0": "Q8_0",
-  "Q4_1": "Q8_1",
-  "Q5_1": "Q8_1",
-  "Q2_K": "Q8_K",
-  "Q3_K": "Q8_K",
-  "Q4_K": "Q8_K",
-  "Q5_K": "Q8_K",
-  "Q6_K": "Q8_K",
-}
-
 LAYOUTS = ("split", "kv_b")
-# One weight type per vec_dot_type (ActQuant.relative).
-_REPRESENTATIVE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q8_1": "Q4_1", "Q8_K": "Q4_K"}
 
 
 def vec_dot_type(weight_type: str) -> str:
   """The type llama.cpp's CPU backend converts activations to before multiplying by a `weight_type` weight."""
   try:
-    return VEC_DOT_TYPE[weight_type]
-  except KeyError:
-    raise ValueError(
-      f"no activation-quantization rule for weight type {weight_type!r}; known: {', '.join(VEC_DOT_TYPE)}"
-    ) from None
+    vdt = qtype_of(weight_type).vec_dot_type
+  except ValueError:
+    vdt = None
+  if vdt is None:
+    known = ", ".join(q.name for q in REGISTRY.values() if q.vec_dot_type is not None)
+    raise ValueError(f"no activation-quantization rule for weight type {weight_type!r}; known: {known}")
+  return vdt.name
+
+
+@functools.cache
+def _representative(act_type: str) -> str:
+  """One weight type per vec_dot_type (ActQuant.relative): the first in the registry that has it."""
+  for q in REGISTRY.values():
+    if q.vec_dot_type is not None and q.vec_dot_type.name == act_type:  # not truthiness: GGMLType.F32 is 0
+      return q.name
+  raise ValueError(f"no registry type has vec_dot_type {act_type}")
 
 
 # ------------------------------------------------------------------------------------------ round trips
 
 
-def _blocks(x: jax.Array, size: int, what: str) -> jax.Array:
-  n = x.shape[-1]
+def _blocks(x: jax.Array, t: GGMLType) -> jax.Array:
+  n, size = x.shape[-1], qtype_of(t).block_elems
   if n % size:
-    raise ValueError(f"{what}: row length {n} is not a multiple of the block size {size} (ggml asserts it)")
+    raise ValueError(f"{t.name}: row length {n} is not a multiple of the block size {size} (ggml asserts it)")
   return x.reshape(*x.shape[:-1], n // size, size)
 
 
@@ -122,7 +114,7 @@ def _fp16_value(v: jax.Array) -> jax.Array:
 def q8_0(x: jax.Array) -> jax.Array:
   """x [..., n] -> the values x86 AVX2 `quantize_row_q8_0` encodes: per 32 elements f32(fp16(amax/127)) * q,
   q = round_half_even(x * (127/amax)) saturated to int8 (the pack instructions saturate)."""
-  xb = _blocks(x, 32, "Q8_0")  # [..., nb, 32]
+  xb = _blocks(x, GGMLType.Q8_0)  # [..., nb, 32]
   amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
   d = _true_div(amax, 127.0)
   inv = _opaque(jnp.where(amax != 0, jnp.float32(127.0) / jnp.where(amax != 0, amax, 1), 0))
@@ -140,7 +132,7 @@ def q8_k(x: jax.Array) -> jax.Array:
   """x [..., n] -> the values `quantize_row_q8_K` (reference; the x86 build has no SIMD version) encodes: per
   256 elements d * q with iscale = -127/max (max: the first element of largest magnitude),
   q = MIN(127, nearest_int(iscale * x)), d = 1/iscale in float32; an all-zero block stays zero."""
-  xb = _blocks(x, 256, "Q8_K")  # [..., nb, 256]
+  xb = _blocks(x, GGMLType.Q8_K)  # [..., nb, 256]
   idx = jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True)  # first index of the largest magnitude
   mx = jnp.take_along_axis(xb, idx, axis=-1)  # [..., nb, 1] signed
   zero = mx == 0
@@ -169,7 +161,6 @@ def bf16(x: jax.Array) -> jax.Array:
 _ROUND_TRIPS = {
   k: jax.jit(fn) for k, fn in {"Q8_0": q8_0, "Q8_1": q8_1, "Q8_K": q8_k, "F16": f16, "BF16": bf16}.items()
 }
-_BLOCK = {"Q8_0": 32, "Q8_1": 32, "Q8_K": 256}  # elements sharing a scale
 
 
 def round_trip(x: jax.Array, act_type: str) -> jax.Array:
@@ -221,19 +212,15 @@ class ActQuant:
         raise ValueError(f"params path {path!r} must be a tuple of str")
 
   @classmethod
-  def from_types(cls, types: Mapping[str | Path, str], layout: str | None = None) -> ActQuant:
-    """From {GGUF tensor name or params path: ggml type name}. GGUF names without a params location
-    (norms, biases, token_embd, ...) are ignored; layout defaults to "split" iff attn_k_b/attn_v_b appear."""
+  def from_types(cls, types: Mapping[Path, str], layout: str | None = None) -> ActQuant:
+    """From {params path: ggml type name}; layout defaults to "split" iff a wkv_b half (k_b/v_b) appears.
+    (A GGUF's tensor names are mapped to params paths in io/gguf_act_quant.py.)"""
     weights: dict[Path, str] = {}
-    split = False
     for key, ty in types.items():
       if isinstance(key, str):
-        for path in _paths_of_gguf_name(key):
-          split |= path[-1] in ("k_b", "v_b")
-          weights[path] = ty
-      else:
-        split |= key[-1:] in (("k_b",), ("v_b",))
-        weights[tuple(key)] = ty
+        raise TypeError(f"{key!r}: ActQuant is keyed by params paths (tuples), not GGUF tensor names")
+      weights[tuple(key)] = ty
+    split = any(p[-1:] in (("k_b",), ("v_b",)) for p in weights)
     return cls(weights=tuple(sorted(weights.items())), layout=layout or ("split" if split else "kv_b"))
 
   @functools.cached_property
@@ -255,18 +242,14 @@ class ActQuant:
     layers and recipes with the same activation types give equal (hashable) mappings, and a jitted
     function keyed on them compiles once for all of them."""
     n = len(keys)
-    rel = {p[n:]: _REPRESENTATIVE[vec_dot_type(t)] for p, t in self.weights if p[:n] == keys}
+    rel = {p[n:]: _representative(vec_dot_type(t)) for p, t in self.weights if p[:n] == keys}
     return ActQuant(weights=tuple(sorted(rel.items())), layout=self.layout, rms_norm=self.rms_norm)
 
-  def weight_type(self, key: str | Path) -> str:
-    """ggml type of a weight: a GGUF tensor name (absolute) or a params path relative to `prefix`."""
+  def weight_type(self, key: Path) -> str:
+    """ggml type of a weight, by params path relative to `prefix`."""
     if isinstance(key, str):
-      paths = _paths_of_gguf_name(key)
-      if not paths:
-        raise KeyError(f"{key!r} is not a deepseek2 weight with a params location")
-      path = paths[0]
-    else:
-      path = (*self.prefix, *key)
+      raise TypeError(f"{key!r}: weights are looked up by params path (a tuple), not by GGUF tensor name")
+    path = (*self.prefix, *key)
     try:
       return self._table[path]
     except KeyError:
@@ -275,7 +258,7 @@ class ActQuant:
         "model or the attention form"
       ) from None
 
-  def act_type(self, key: str | Path) -> str:
+  def act_type(self, key: Path) -> str:
     """The activation type (vec_dot_type) the weight's activations are converted to."""
     return vec_dot_type(self.weight_type(key))
 
@@ -310,7 +293,7 @@ def rounded(
   near, alt = undecided.f32_alternative(x)
   both = _ROUND_TRIPS[act_type](jnp.stack([near, alt]))  # one quantizer instance for both
   changed = both[0] != both[1]  # [..., n]
-  block = _BLOCK.get(act_type, 1)
+  block = qtype_of(act_type).block_elems  # elements sharing a scale (1 for F16/BF16)
   per_block = changed.reshape(*changed.shape[:-1], -1, block).any(-1)  # [..., n / block]
   if gate is not None:
     per_block = per_block & gate
@@ -326,32 +309,3 @@ def ggml_norm(aq: ActQuant | None) -> bool:
 
 def scope(aq: ActQuant | None, *keys: str) -> ActQuant | None:
   return None if aq is None else aq.scope(*keys)
-
-
-def _paths_of_gguf_name(name: str) -> list[Path]:
-  """Params paths a GGUF tensor's type applies to (empty for tensors no matmul reads)."""
-  from dq3jax.io.gguf_layout import Kind, mapping  # noqa: PLC0415  (io imports model: import late)
-
-  m = re.fullmatch(r"blk\.(\d+)\.ffn_gate_up_exps\.weight", name)
-  if m:  # newer converters fuse gate and up; one mul_mat_id, one type for both
-    base = ("layers", m.group(1), "mlp", "experts")
-    return [(*base, "w_gate"), (*base, "w_up")]
-  try:
-    mp = mapping(name)
-  except KeyError:
-    return []
-  if mp.path[-1] in ("embed", "norm", "router_bias") or mp.path[-1].endswith("norm"):
-    return []  # get_rows, elementwise: no activation quantization
-  suffix = {Kind.K_B: ("k_b",), Kind.V_B: ("v_b",)}.get(mp.kind, ())
-  return [(*mp.path, *suffix)]
-
-
-def act_quant_from_gguf(path: str | os.PathLike) -> ActQuant:
-  """The ActQuant of a deepseek2 GGUF: each weight's stored type, and the file's attention layout."""
-  from dq3jax.io.gguf_read import read_gguf  # noqa: PLC0415
-
-  f = read_gguf(path)
-  types: dict[str, str] = {n: t.type_name for n, t in f.tensors.items()}
-  if "output.weight" not in types and "token_embd.weight" in types:
-    types["output.weight"] = types["token_embd.weight"]  # tied head, as llama.cpp loads it
-  return ActQuant.from_types(types)

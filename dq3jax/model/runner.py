@@ -3,8 +3,8 @@
 float64 turns on JAX's x64 mode only inside the call (`jax.enable_x64` as a context manager); nothing
 global changes. Results come back as numpy arrays.
 
-`act_quant` (dq3jax.model.act_quant.ActQuant, e.g. `act_quant_from_gguf(path)`) emulates llama.cpp's CPU
-activation quantization. llama.cpp computes in float32; in float64 each quantized activation is rounded to
+`act_quant` (dq3jax.model.act_quant.ActQuant; io/gguf_act_quant.py reads one from a GGUF) emulates llama.cpp's
+CPU activation quantization. llama.cpp computes in float32; in float64 each quantized activation is rounded to
 float32 once, quantized exactly as in float32, and continues as float64 (the goldens' mode: everything else
 stays float64, so the result is the exact model up to llama.cpp's own roundings). llama.cpp runs the split
 layout absorbed and the kv_b layout expanded, so act_quant picks that attention form unless one is given (a

@@ -1,9 +1,11 @@
 """Public quantize/dequantize: numpy in, numpy out, byte-identical to ggml.
 
 Underneath are jit-compiled block kernels on `jax.Array`s (see kquants.py, legacy.py,
-floats.py, dequant.py). This module validates input, lays rows out as blocks, runs the fast
-float32 kernel, re-runs the few blocks it flags (underflow; see _arith.py) in the exact float64
-arithmetic, and puts the bytes back in row order.
+floats.py, dequant.py), and numpy bit conversions on the host (host.py); which kernel computes
+a type, and how it is called (its family), is the type's entry in dq3jax.qtypes.REGISTRY. This
+module validates input, lays rows out as blocks, runs the fast float32 kernel, re-runs the few
+blocks it flags (underflow; see _arith.py) in the exact float64 arithmetic, and puts the bytes
+back in row order.
 
 Inputs are processed in fixed-size chunks, so a kernel compiles once per (type, mode), not once
 per input shape.
@@ -12,44 +14,35 @@ per input shape.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dq3jax.qtypes import GGMLType, QType, qtype_of
-from dq3jax.quant import dequant, floats, kquants, legacy
+from dq3jax.qtypes import REGISTRY, Family, Kernels, QType, qtype_of
+from dq3jax.quant import legacy
 from dq3jax.quant._arith import SAFE_MAGNITUDE, ExactArith, FastArith
 
-T = GGMLType
+
+def _check_kernels_resolve() -> None:
+  # The registry names kernels as strings; resolving them all now makes a misspelt or missing one an
+  # import error instead of a failure at that type's first use.
+  for q in REGISTRY.values():
+    if q.kernels is not None:
+      q.kernels.quantizer()
+      q.kernels.dequantizer()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Kernels:
-  quantize: Callable  # (A, x [be, nb], qw [be, nb] | None[, sigma2 [nb]]) -> bytes [bb, nb]
-  dequantize: Callable  # bytes [nb, bb] -> float32 [nb, be]
-  family: str  # "float": integer-only, no Arith; "legacy": 32-blocks (row-level sigma2); "k": 256-blocks
+_check_kernels_resolve()
 
 
-_KERNELS: dict[int, _Kernels] = {
-    T.F32: _Kernels(floats.f32, dequant.f32, "float"),
-    T.F16: _Kernels(floats.f16, dequant.f16, "float"),
-    T.BF16: _Kernels(floats.bf16, dequant.bf16, "float"),
-    T.Q4_0: _Kernels(legacy.q4_0, dequant.q4_0, "legacy"),
-    T.Q4_1: _Kernels(legacy.q4_1, dequant.q4_1, "legacy"),
-    T.Q5_0: _Kernels(legacy.q5_0, dequant.q5_0, "legacy"),
-    T.Q5_1: _Kernels(legacy.q5_1, dequant.q5_1, "legacy"),
-    T.Q8_0: _Kernels(legacy.q8_0, dequant.q8_0, "legacy"),
-    T.Q2_K: _Kernels(kquants.q2_k, dequant.q2_k, "k"),
-    T.Q3_K: _Kernels(kquants.q3_k, dequant.q3_k, "k"),
-    T.Q4_K: _Kernels(kquants.q4_k, dequant.q4_k, "k"),
-    T.Q5_K: _Kernels(kquants.q5_k, dequant.q5_k, "k"),
-    T.Q6_K: _Kernels(kquants.q6_k, dequant.q6_k, "k"),
-    T.Q8_K: _Kernels(kquants.q8_k, dequant.q8_k, "k"),
-}
+def _kernels(type_id: int) -> Kernels:
+  k = REGISTRY[type_id].kernels
+  if k is None:  # quantize/dequantize refuse such types before they get here
+    raise AssertionError(f"{REGISTRY[type_id].name} has no kernels")
+  return k
+
 
 # Elements per kernel call. The fast kernels always run on chunks of _FAST_CHUNK elements (small
 # inputs are padded, large ones chunked) so each compiles exactly once; the exact kernels, which
@@ -68,14 +61,15 @@ def _chunk_blocks(chunk_elems: int, block_elems: int) -> int:
 
 @functools.cache
 def _fast_quantizer(type_id: int, with_qw: bool, with_sigma2: bool):
-  k = _KERNELS[type_id]
+  k = _kernels(type_id)
+  quantize = k.quantizer()
 
   def run(x, qw, sigma2, z):  # x [be, nb]
-    if k.family == "float":
-      return k.quantize(x), jnp.zeros((x.shape[-1],), jnp.bool_)
+    if k.family is Family.FLOAT:
+      return quantize(x), jnp.zeros((x.shape[-1],), jnp.bool_)
     A = FastArith(z, x.shape[-1])
     extra = {"sigma2": sigma2} if with_sigma2 else {}
-    out = k.quantize(A, x, qw if with_qw else None, **extra)
+    out = quantize(A, x, qw if with_qw else None, **extra)
     return out, A.flag
 
   return jax.jit(run)
@@ -83,14 +77,14 @@ def _fast_quantizer(type_id: int, with_qw: bool, with_sigma2: bool):
 
 @functools.cache
 def _exact_quantizer(type_id: int, with_qw: bool, with_sigma2: bool):
-  k = _KERNELS[type_id]
+  quantize = _kernels(type_id).quantizer()
 
   def run(x_bits, qw_bits, s2_bits, z):  # float32 inputs arrive as bits: x64 casts would flush subnormals
     A = ExactArith(z, x_bits.shape[-1])
     x = A.from_f32_bits(x_bits)
     qw = A.from_f32_bits(qw_bits) if with_qw else None
     extra = {"sigma2": A.from_f32_bits(s2_bits)} if with_sigma2 else {}
-    return k.quantize(A, x, qw, **extra)
+    return quantize(A, x, qw, **extra)
 
   return jax.jit(run)
 
@@ -110,7 +104,7 @@ def _sigma2_fns():
 
 @functools.cache
 def _dequantizer(type_id: int):
-  return jax.jit(_KERNELS[type_id].dequantize)
+  return jax.jit(_kernels(type_id).dequantizer())
 
 
 _ZERO = np.int32(0)
@@ -161,7 +155,7 @@ def _quantize_blocks(q: QType, xb: np.ndarray, qwb: np.ndarray | None, s2b: np.n
         _ZERO,
     )
     res = np.array(res[:, : e - s])
-    if _KERNELS[q.id].family != "float":
+    if _kernels(q.id).family is not Family.FLOAT:
       # Blocks that may have underflowed in float32 (or read a tiny input) are redone exactly.
       redo = np.asarray(flag)[: e - s] | _has_tiny(cx, 0)
       if with_qw:
@@ -247,14 +241,16 @@ def quantize(x, qtype, *, imatrix=None) -> np.ndarray:
     x: float32 `[rows, n]` (a 1-D array is one row); `n` must be a multiple of the block size.
     qtype: a ggml type name ("Q4_K"), id, `gguf.GGMLQuantizationType` or `dq3jax.qtypes.QType`.
     imatrix: optional float32 `[n]` importance weights (one per column), as llama-quantize passes
-      them. Ignored, as in ggml, by the types that have no importance-matrix variant (F32, F16,
-      BF16, Q8_0).
+      them. Ignored, as in ggml, by the storable types that have no importance-matrix variant
+      (`uses_imatrix` False: F32, F16, BF16, Q8_0); refused for Q8_K, which ggml_quantize_chunk does
+      not quantize at all.
 
   Returns:
     uint8 `[rows, row_bytes]`, byte-identical to ggml.
   """
   q = qtype_of(qtype)
-  if q.id not in _KERNELS:
+  k = q.kernels
+  if k is None:
     raise ValueError(f"dq3jax has no quantizer for {q.name}")
   rows_x = _as_rows(x, "x")
   rows, n = rows_x.shape
@@ -263,53 +259,34 @@ def quantize(x, qtype, *, imatrix=None) -> np.ndarray:
         f"{q.name}: row width {n} is not a multiple of the block size {q.block_elems} "
         f"({n % q.block_elems} elements left over)"
     )
-  if imatrix is not None and q.ggml_type == T.Q8_K:
-    raise ValueError("Q8_K has no importance-matrix variant")
+  if imatrix is not None and not q.storable:
+    # An activation type (Q8_K): ggml quantizes it with quantize_row_q8_K, which takes no weights.
+    raise ValueError(f"{q.name} has no importance-matrix variant")
   qw = _check_imatrix(imatrix, n) if imatrix is not None else None
   if not q.uses_imatrix:
     qw = None
-  family = _KERNELS[q.id].family
-  if family != "float":
+  if k.family is not Family.FLOAT:
     _check_finite(rows_x, q.block_elems, "x")
   if rows * n == 0:
     return np.zeros((rows, q.row_bytes(n)), np.uint8)
-  if q.ggml_type in _HOST_BIT_CONVERTERS:
-    # Integer bit operations only (the same as dq3jax/quant/floats.py): exact on any machine, done on the host.
-    return _HOST_BIT_CONVERTERS[q.ggml_type](rows_x).view(np.uint8).reshape(rows, q.row_bytes(n))
+  if k.on_host:
+    return k.quantizer()(rows_x).reshape(rows, q.row_bytes(n))
   be = q.block_elems
   xb = np.ascontiguousarray(rows_x.reshape(-1, be).T)  # [be, NB], block b = row b // (n/be)
   qwb = s2b = None
   if qw is not None:
     qwb = np.ascontiguousarray(np.tile(qw.reshape(-1, be), (rows, 1)).T)
-    if family == "legacy":
+    if k.family is Family.LEGACY:
       s2b = np.repeat(_row_sigma2(rows_x), n // be)
   out = _quantize_blocks(q, xb, qwb, s2b)
   return out.reshape(rows, q.row_bytes(n))
 
 
-def _bf16_bits_host(x: np.ndarray) -> np.ndarray:
-  """ggml's reference float32 -> bfloat16 (as floats.bf16): round to nearest even on the bits, NaN quiet."""
-  u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-  rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16  # no wrap: the largest non-NaN pattern is 0xFF800000
-  out = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, rounded)
-  return out.astype("<u2")
-
-
-_HOST_BIT_CONVERTERS = {
-  T.F32: lambda x: np.array(x, "<f4", copy=True),  # a copy: the result must not alias the caller's array
-  T.BF16: _bf16_bits_host,
-}
-_HOST_BIT_FORMATS = {
-  # float32 is stored as is; bfloat16 is the high half of a float32 (ggml_bf16_to_fp32: bits << 16).
-  T.F32: lambda raw: raw.view("<f4").astype(np.float32),
-  T.BF16: lambda raw: (raw.view("<u2").astype(np.uint32) << 16).view(np.float32),
-}
-
-
 def dequantize(data, qtype, shape) -> np.ndarray:
   """Dequantize ggml bytes to float32 of `shape`, bit-identical to ggml's `to_float`."""
   q = qtype_of(qtype)
-  if q.id not in _KERNELS:
+  k = q.kernels
+  if k is None:
     raise ValueError(f"dq3jax has no dequantizer for {q.name}")
   shape = tuple(int(s) for s in (shape if np.ndim(shape) else (shape,)))
   if not shape or any(s < 0 for s in shape):
@@ -326,10 +303,8 @@ def dequantize(data, qtype, shape) -> np.ndarray:
         f"{q.name} data for shape {shape} must be {expected} bytes "
         f"({n_el // q.block_elems} blocks of {q.block_bytes}), got {raw.size}"
     )
-  if q.ggml_type in _HOST_BIT_FORMATS:
-    # Pure bit reinterpretations (no arithmetic, so nothing a backend could round differently): done on the
-    # host, where they cost one pass over memory instead of a padded device round trip per chunk.
-    return _HOST_BIT_FORMATS[q.ggml_type](raw).reshape(shape)
+  if k.on_host:
+    return k.dequantizer()(raw).reshape(shape)
   blocks = raw.reshape(-1, q.block_bytes)
   n_blocks = blocks.shape[0]
   out = np.empty((n_blocks, q.block_elems), np.float32)
@@ -337,7 +312,7 @@ def dequantize(data, qtype, shape) -> np.ndarray:
     return out.reshape(shape)
   nbk = _chunk_blocks(_DEQUANT_CHUNK, q.block_elems)
   fn = _dequantizer(q.id)
-  ctx = jax.enable_x64(True) if q.ggml_type == T.Q8_K else contextlib.nullcontext()
+  ctx = jax.enable_x64(True) if k.dequantize_x64 else contextlib.nullcontext()
   with ctx:
     for s in range(0, n_blocks, nbk):
       e = min(n_blocks, s + nbk)

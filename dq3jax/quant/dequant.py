@@ -3,8 +3,8 @@
 Bit-identical to ggml's `to_float`. Every product here is exact in float32 (an fp16 scale has 11
 significant bits, the codes at most 8) and every result is a multiple of 2**-24 or 0, so neither
 FMA contraction nor flush-to-zero can change a bit; we only keep C's order of operations. The
-exceptions are Q8_K (a float32 scale: its products can round and underflow) and the plain float
-formats, which are converted with integer bit operations.
+exceptions are Q8_K (a float32 scale: its products can round and underflow) and F16, which is
+converted with integer bit operations (F32 and BF16 are bit reinterpretations, done on the host: host.py).
 """
 
 from __future__ import annotations
@@ -28,18 +28,9 @@ def _f(i):
   return i.astype(jnp.float32)
 
 
-def f32(b):
-  return lax.bitcast_convert_type(b.reshape(b.shape[0], -1, 4), jnp.float32)
-
-
 def f16(b):
   h = b.reshape(b.shape[0], -1, 2)
   return _f16(h[..., 0], h[..., 1])
-
-
-def bf16(b):
-  h = b.reshape(b.shape[0], -1, 2).astype(jnp.uint32)
-  return lax.bitcast_convert_type((h[..., 0] | (h[..., 1] << 8)) << 16, jnp.float32)
 
 
 def _nibbles(qs):

@@ -14,6 +14,7 @@ order, so the counter equals i and the count equals n.
 
 from __future__ import annotations
 
+from dq3jax.qtypes import qtype_of
 from dq3jax.recipes.rules import Recipe, RecipeError, Rule, RuleSet, rule_set
 
 PRESETS = (
@@ -42,7 +43,6 @@ DEFAULT_TYPE = {
   "Q6_K": "Q6_K",
   "Q8_0": "Q8_0",
 }
-BLOCK = {"Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "Q8_0": 32}
 
 OUTPUT = r"^output\.weight$"
 FFN_DOWN = r"ffn_down"
@@ -87,7 +87,7 @@ def llama_preset(preset: str, rs: RuleSet) -> Recipe:
     rules.append(Rule(match=match, when=when, type=t, source=src))
 
   # output.weight: Q8_0 when the row does not fit the default type's block, else Q6_K (Q8_0 stays Q8_0).
-  add(OUTPUT, f"ne0 % {BLOCK[default]} != 0", "Q8_0")
+  add(OUTPUT, f"ne0 % {qtype_of(default).block_elems} != 0", "Q8_0")
   if default != "Q8_0":
     add(OUTPUT, None, "Q6_K")
   # attn_v-like: the 8-expert bump to Q8_0 is applied after the preset choice, so it wins outright.

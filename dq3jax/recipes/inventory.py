@@ -98,8 +98,11 @@ def load_config(path: str | pathlib.Path) -> dict[str, Any]:
     p = p / "config.json"
   if not p.is_file():
     raise FileNotFoundError(f"no config.json at {path}")
-  with p.open() as f:
-    cfg = json.load(f)
+  try:
+    with p.open() as f:
+      cfg = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: their messages do not name the file
+    raise ValueError(f"{p}: not valid JSON ({e})") from None
   if not isinstance(cfg, dict):
     raise ValueError(f"{p}: expected a JSON object")
   return cfg

@@ -1,4 +1,4 @@
-"""`dq3jax plan`: which ggml type and how many bytes every tensor of a deepseek2 GGUF gets under a recipe.
+"""Which ggml type and how many bytes every tensor of a deepseek2 GGUF gets under a recipe (`dq3jax plan`).
 
 Works from the HF config alone (no weights are read). Sizes are tensor data only, as llama-quantize reports
 them; GGUF metadata, tokenizer and alignment padding add well under 0.1 GiB for V3/R1. bits_per_weight =
@@ -7,19 +7,14 @@ total bytes * 8 / total parameters, including the F32 norms and routers (llama.c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dq3jax.recipes.builtin import BUILTIN
-from dq3jax.recipes.inventory import LAYOUTS, ModelDims, TensorInfo, dims_from_config, inventory, load_config
+from dq3jax.recipes.inventory import ModelDims, TensorInfo, dims_from_config, inventory
 from dq3jax.recipes.recipe_file import resolve_recipe
 from dq3jax.recipes.rules import (
-  RULE_SETS,
   Recipe,
   RecipeError,
   RuleSet,
@@ -214,76 +209,4 @@ def format_table(plan: Plan) -> str:
   return "\n".join(line.rstrip() for line in lines)
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-  p = subparsers.add_parser(
-    "plan",
-    help="per-tensor ggml types and sizes of a recipe, from a config.json (no weights read)",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  p.add_argument(
-    "config", metavar="CONFIG_OR_CHECKPOINT", help="config.json or an HF directory containing one"
-  )
-  p.add_argument("--recipe", required=True, help=f"built-in ({', '.join(BUILTIN)}) or a recipe .json file")
-  p.add_argument(
-    "--layout",
-    choices=LAYOUTS,
-    default="split",
-    help="attention tensors as in pre-2025 files (kv_b) or current converters (split)",
-  )
-  p.add_argument(
-    "--rules",
-    choices=tuple(RULE_SETS),
-    default="current",
-    help="llama.cpp rule set: current (bundled with llama-cpp-python 0.3.36) or legacy (early 2025)",
-  )
-  p.add_argument("--layers", type=int, default=None, help="truncate to the first N layers")
-  p.add_argument("--experts", type=int, default=None, help="truncate to the first E routed experts")
-  p.add_argument("--json", action="store_true", help="machine-readable output")
-  p.add_argument(
-    "--llama-tensor-types",
-    action="store_true",
-    help="print llama-quantize --tensor-type-file contents that make the recipe's preset produce this plan",
-  )
-  p.set_defaults(func=run)
-  return p
-
-
-def run(args: argparse.Namespace) -> int:
-  try:
-    cfg = load_config(args.config)
-    plan = plan_from_config(
-      cfg, args.recipe, rules=args.rules, layout=args.layout, layers=args.layers, experts=args.experts
-    )
-  except (OSError, ValueError) as e:  # RecipeError is a ValueError
-    print(f"dq3jax plan: error: {e}", file=sys.stderr)
-    return 2
-  if getattr(args, "llama_tensor_types", False):
-    from dq3jax.recipes.llama_args import tensor_type_file  # imports plan; keep the cycle out of module load
-
-    try:
-      sys.stdout.write(tensor_type_file(plan))
-    except ValueError as e:
-      print(f"dq3jax plan: error: {e}", file=sys.stderr)
-      return 2
-    print(f"# llama-quantize --tensor-type-file FILE IN.gguf OUT.gguf {plan.recipe.ftype}", file=sys.stderr)
-  elif args.json:
-    json.dump(plan.to_json(), sys.stdout, indent=1)
-    sys.stdout.write("\n")
-  else:
-    print(format_table(plan))
-  return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="dq3jax")
-  add_parser(parser.add_subparsers(dest="command", required=True))
-  args = parser.parse_args(argv)
-  return args.func(args)
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())
-
-
-__all__ = ["Plan", "PlannedTensor", "RecipeError", "add_parser", "make_plan", "plan_from_config", "run"]
+__all__ = ["Plan", "PlannedTensor", "RecipeError", "make_plan", "plan_from_config"]

@@ -22,6 +22,9 @@ EOS = "<｜end▁of▁sentence｜>"
 def train(texts: Iterable[str], vocab_size: int = VOCAB_SIZE):
   """A fresh tokenizers.Tokenizer trained on texts (documents, in order)."""
   os.environ["TOKENIZERS_PARALLELISM"] = "false"
+  from dq3jax.extras import require  # noqa: PLC0415
+
+  require("tokenizers", "training v3-pydoc's tokenizer")
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
   tok = Tokenizer(models.BPE())
@@ -40,9 +43,9 @@ def train(texts: Iterable[str], vocab_size: int = VOCAB_SIZE):
 
 
 def load(path: str):
-  from tokenizers import Tokenizer  # noqa: PLC0415
+  from dq3jax.extras import require  # noqa: PLC0415
 
-  return Tokenizer.from_file(path)
+  return require("tokenizers", f"reading {path}").Tokenizer.from_file(path)
 
 
 def encode_docs(tok, texts: Iterable[str]) -> np.ndarray:

@@ -97,8 +97,26 @@ def test_unknown_tensor_type(good, tmp_path):
     gguf_read.read_gguf(p)
 
 
+def test_type_outside_the_registry(good, tmp_path):
+  # F64 is a ggml type gguf-py knows, but the registry states no block geometry for it (no DeepSeek file holds
+  # one), so the data's extent is unknown: the header parser refuses it (no fall back to gguf-py's table).
+  f = gguf_read.read_gguf(good[2])
+  at = _type_field(f, "output_norm.weight")
+  data = bytearray(good[3])
+  data[at : at + 4] = struct.pack("<I", 28)
+  p = _variant(tmp_path, bytes(data))
+  with pytest.raises(
+    GGUFError,
+    match=re.escape(
+      f"{p}: tensor 'output_norm.weight' has ggml type F64 (id 28), which dq3jax's type registry does not "
+      f"know at offset {at}"
+    ),
+  ):
+    gguf_read.read_gguf(p)
+
+
 def test_type_dq3jax_cannot_dequantize(good, tmp_path):
-  # IQ4_NL is a real ggml type (llama.cpp's legacy fallback) but not in dq3jax's registry.
+  # IQ4_NL is a real ggml type (llama.cpp's legacy fallback): the registry knows its size, not its kernels.
   f = gguf_read.read_gguf(good[2])
   at = _type_field(f, "output_norm.weight")
   data = bytearray(good[3])

@@ -16,6 +16,7 @@ from dq3jax.io.imatrix import (
   write_imatrix,
   write_legacy,
 )
+from dq3jax.qtypes import REGISTRY
 from dq3jax.recipes.builtin import builtin_recipe
 
 EXPS = "blk.3.ffn_down_exps.weight"
@@ -202,9 +203,7 @@ def test_when_llama_quantize_applies_the_imatrix():
 
 
 @pytest.mark.crosscheck
-@pytest.mark.parametrize(
-  "t", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "F16", "IQ4_NL"]
-)
+@pytest.mark.parametrize("t", [q.name for q in REGISTRY.values() if q.storable and q.computable])
 def test_type_uses_imatrix_matches_ggml(t):
   # ggml_quantize_chunk with and without column weights: the bytes differ exactly for types that use them.
   import llama_cpp
@@ -223,19 +222,6 @@ def test_type_uses_imatrix_matches_ggml(t):
     ctypes.c_int64,
     ctypes.c_void_p,
   ]
-  ids = {
-    "Q2_K": 10,
-    "Q3_K": 11,
-    "Q4_K": 12,
-    "Q5_K": 13,
-    "Q6_K": 14,
-    "Q4_0": 2,
-    "Q5_0": 6,
-    "Q5_1": 7,
-    "Q8_0": 8,
-    "F16": 1,
-    "IQ4_NL": 20,
-  }
   rng = np.random.default_rng(5)
   nrow, ncol = 8, 512
   x = rng.standard_normal((nrow, ncol)).astype(np.float32)
@@ -244,7 +230,8 @@ def test_type_uses_imatrix_matches_ggml(t):
   outs = []
   for imat in (None, w):
     buf = np.zeros(nbytes + 64, np.uint8)
-    n = f(ids[t], x.ctypes.data, buf.ctypes.data, 0, nrow, ncol, None if imat is None else imat.ctypes.data)
-    assert n == nbytes  # our size table agrees with ggml
+    im = None if imat is None else imat.ctypes.data
+    n = f(type_size(t).id, x.ctypes.data, buf.ctypes.data, 0, nrow, ncol, im)
+    assert n == nbytes  # the registry's size agrees with ggml
     outs.append(buf[:n].tobytes())
   assert (outs[0] != outs[1]) == type_size(t).uses_imatrix

@@ -18,15 +18,14 @@ import jax
 import numpy as np
 import pytest
 
+from dq3jax.io import gguf_act_quant
 from dq3jax.model import act_quant, random_init, runner, transformer
 from dq3jax.model.act_quant import ActQuant, round_trip
 from dq3jax.model.mla import AttnForm
+from dq3jax.qtypes import REGISTRY, qtype_of
 
 # ------------------------------------------------------------------------------------------ ggml CPU backend
 
-_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q8_1": 9, "Q2_K": 10}
-_IDS |= {"Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15, "BF16": 30}
-_NAMES = {v: k for k, v in _IDS.items()}
 _ROW = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
@@ -55,7 +54,7 @@ def ggml_cpu():
 def _cpu_values(ggml_cpu, x: np.ndarray, act_type: str) -> np.ndarray:
   """What the CPU backend's matmuls see: its from_float for act_type, row by row, then ggml's to_float."""
   lib, ggml_ref = ggml_cpu
-  tid = _IDS[act_type]
+  tid = qtype_of(act_type).id
   from_float = _ROW(lib.ggml_get_type_traits_cpu(tid).contents.from_float)
   rows = np.ascontiguousarray(x, np.float32)
   out = np.zeros((rows.shape[0], ggml_ref.row_size(tid, rows.shape[1])), np.uint8)
@@ -92,10 +91,10 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> int:
 @pytest.mark.crosscheck
 def test_vec_dot_types_are_the_cpu_backends(ggml_cpu):
   lib, _ = ggml_cpu
-  got = {
-    w: _NAMES[lib.ggml_get_type_traits_cpu(_IDS[w]).contents.vec_dot_type] for w in act_quant.VEC_DOT_TYPE
-  }
-  assert got == dict(act_quant.VEC_DOT_TYPE)
+  stated = {q.name: int(q.vec_dot_type) for q in REGISTRY.values() if q.vec_dot_type is not None}
+  assert set(stated) >= {q.name for q in REGISTRY.values() if q.storable and q.computable}
+  got = {w: lib.ggml_get_type_traits_cpu(qtype_of(w).id).contents.vec_dot_type for w in stated}
+  assert got == stated
 
 
 @pytest.mark.crosscheck
@@ -116,7 +115,8 @@ def test_q8_0_is_the_simd_routine_not_the_reference(ggml_cpu):
   # runs the reference (roundf, 1/d). On the tie grid they disagree, and the emulation follows the former.
   _, ggml_ref = ggml_cpu
   x = _inputs(3)[-8:]
-  ref = ggml_ref.dequantize(ggml_ref.quantize(x, _IDS["Q8_0"]), _IDS["Q8_0"], x.size).reshape(x.shape)
+  q8 = qtype_of("Q8_0").id
+  ref = ggml_ref.dequantize(ggml_ref.quantize(x, q8), q8, x.size).reshape(x.shape)
   assert _same_bits(_cpu_values(ggml_cpu, x, "Q8_0"), ref) > x.size // 4
   assert _same_bits(np.asarray(round_trip(x, "Q8_0")), _cpu_values(ggml_cpu, x, "Q8_0")) == 0
 
@@ -149,7 +149,7 @@ def test_q8_k_four_row_packer_matches_the_row_routine(ggml_cpu):
 
 
 def test_mapping_from_gguf_names():
-  aq = ActQuant.from_types(
+  aq = gguf_act_quant.from_gguf_types(
     {
       "blk.0.attn_k_b.weight": "Q5_0",
       "blk.0.attn_v_b.weight": "Q4_K",
@@ -164,20 +164,42 @@ def test_mapping_from_gguf_names():
   assert aq.layout == "split" and aq.attn_form_name == "absorbed"
   assert aq.weight_type(("layers", "0", "attn", "wkv_b", "k_b")) == "Q5_0"
   assert aq.scope("layers", "0", "attn").act_type(("wkv_b", "v_b")) == "Q8_K"
-  assert aq.weight_type("blk.1.ffn_down_exps.weight") == "Q6_K"
+  assert gguf_act_quant.weight_type(aq, "blk.1.ffn_down_exps.weight") == "Q6_K"
+  # GGUF names are absolute, whatever the scope.
+  assert gguf_act_quant.weight_type(aq.scope("layers", "0"), "blk.1.ffn_down_exps.weight") == "Q6_K"
   assert aq.weight_type(("layers", "1", "mlp", "experts", "w_up")) == "Q4_K"  # fused gate_up: both halves
   assert aq.act_type(("layers", "1", "mlp", "router")) == "F32"
   assert aq.act_type(("lm_head",)) == "Q8_K"
   assert not any(p[-1] in ("attn_norm", "embed") for p, _ in aq.weights)  # not matmul inputs
   with pytest.raises(KeyError, match="wq_a"):
     aq.weight_type(("layers", "0", "attn", "wq_a"))
-  assert ActQuant.from_types({"blk.0.attn_kv_b.weight": "Q8_0"}).layout == "kv_b"
+  assert gguf_act_quant.from_gguf_types({"blk.0.attn_kv_b.weight": "Q8_0"}).layout == "kv_b"
   with pytest.raises(ValueError, match="IQ2_XXS"):
-    ActQuant.from_types({"output.weight": "IQ2_XXS"})
+    gguf_act_quant.from_gguf_types({"output.weight": "IQ2_XXS"})
+  with pytest.raises(ValueError, match="IQ4_NL"):  # a registry type, but no weight dq3jax multiplies
+    gguf_act_quant.from_gguf_types({"output.weight": "IQ4_NL"})
   # Static for jit: equal contents, equal hash.
-  again = ActQuant.from_types({"output.weight": "Q6_K", "blk.0.attn_k_b.weight": "Q5_0"})
-  assert again == ActQuant.from_types({"blk.0.attn_k_b.weight": "Q5_0", "output.weight": "Q6_K"})
-  assert hash(again) == hash(ActQuant.from_types({"blk.0.attn_k_b.weight": "Q5_0", "output.weight": "Q6_K"}))
+  again = gguf_act_quant.from_gguf_types({"output.weight": "Q6_K", "blk.0.attn_k_b.weight": "Q5_0"})
+  assert again == gguf_act_quant.from_gguf_types({"blk.0.attn_k_b.weight": "Q5_0", "output.weight": "Q6_K"})
+  by_path = ActQuant.from_types({("lm_head",): "Q6_K", ("layers", "0", "attn", "wkv_b", "k_b"): "Q5_0"})
+  assert by_path == again and hash(by_path) == hash(again)
+  # The model's side knows params paths only; GGUF names are io's.
+  with pytest.raises(TypeError, match="params path"):
+    ActQuant.from_types({"output.weight": "Q6_K"})
+  with pytest.raises(TypeError, match="params path"):
+    aq.weight_type("output.weight")
+
+
+def test_relative_keeps_only_the_activation_types():
+  # The jit key of a layer: each weight type is replaced by a registry representative of its vec_dot type.
+  layer = {("mlp", "router"): "F32", ("mlp", "w_up"): "Q4_K", ("attn", "wo"): "Q5_0", ("attn", "wq_a"): "BF16"}
+  aq = ActQuant.from_types({("layers", "0", *p): t for p, t in layer.items()} | {("lm_head",): "Q6_K"})
+  rel = aq.relative("layers", "0")
+  assert {p: act_quant.vec_dot_type(t) for p, t in rel.weights} == {
+    ("mlp", "router"): "F32", ("mlp", "w_up"): "Q8_K", ("attn", "wo"): "Q8_0", ("attn", "wq_a"): "BF16"
+  }
+  other = {("mlp", "router"): "F32", ("mlp", "w_up"): "Q2_K", ("attn", "wo"): "Q8_0", ("attn", "wq_a"): "BF16"}
+  assert ActQuant.from_types({("layers", "3", *p): t for p, t in other.items()}).relative("layers", "3") == rel
 
 
 def _all_weights(params: dict, layout: str, ty: str) -> ActQuant:
@@ -341,10 +363,10 @@ def test_emulation_tightens_the_llama_cpp_comparison(mini_files, tmp_path, recip
   path = tmp_path / f"{recipe}.gguf"
   llama_quantize(mini_files[layout], path, recipe)
   cfg, params = gguf_read.load(path)
-  aq = act_quant.act_quant_from_gguf(path)
+  aq = gguf_act_quant.act_quant_from_gguf(path)
   assert aq.layout == layout
   assert (
-    aq.weight_type("blk.1.ffn_down_exps.weight")
+    gguf_act_quant.weight_type(aq, "blk.1.ffn_down_exps.weight")
     == gguf_read.read_gguf(path).tensor("blk.1.ffn_down_exps.weight").type_name
   )
   plain, emu, theirs, ok = [], [], [], []

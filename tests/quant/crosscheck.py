@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 
 import dq3jax
-from dq3jax.qtypes import REGISTRY
+from dq3jax.qtypes import computable
 from dq3jax.quant import stress_inputs as inputs
 from reference import ggml_ref
 from tests.quant.compare import first_mismatch_report, float_bits_report
@@ -23,7 +23,7 @@ from tests.quant.compare import first_mismatch_report, float_bits_report
 # Types whose ggml_quantize_chunk takes a separate path with an importance matrix get both modes.
 PARAMS = [
     (q.name, mode)
-    for q in REGISTRY.values()
+    for q in computable()
     for mode in (("ref", "imatrix") if q.uses_imatrix else ("ref",))
 ]
 

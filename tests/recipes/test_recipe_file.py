@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from dq3jax.cli import main
 from dq3jax.recipes.builtin import builtin_recipe
-from dq3jax.recipes.plan import main, plan_from_config
+from dq3jax.recipes.plan import plan_from_config
 from dq3jax.recipes.recipe_file import load_recipe_file, recipe_from_dict, resolve_recipe
 from dq3jax.recipes.rules import RecipeError
 

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from dq3jax.recipes.plan import gib_rounded_up, main, plan_from_config
+from dq3jax.cli import main
+from dq3jax.recipes.plan import gib_rounded_up, plan_from_config
 
 # arXiv:2505.02390 Table 1 (DeepSeek-R1): model size in "G" (GiB rounded up) and average bits per weight.
 TABLE_1 = {"Q4_K_M": (377, 4.82), "Q3_K_M": (298, 3.81), "DQ3_K_M": (281, 3.59), "Q2_K": (228, 2.91)}

@@ -221,12 +221,18 @@ def test_legacy_differs_from_current_only_where_documented(r1_config, v2_lite_co
 
 def test_size_only_types():
   from dq3jax.qtypes import REGISTRY
-  from dq3jax.recipes.sizes import SIZE_ONLY, tensor_bytes, type_size
+  from dq3jax.recipes.sizes import tensor_bytes, type_size
 
-  assert set(SIZE_ONLY) <= {"IQ4_NL"}
-  in_registry = any(q.name == "IQ4_NL" for q in REGISTRY.values())
-  assert type_size("iq4_nl").computable is in_registry and type_size("Q4_K").computable is True
+  # Sizes come from the registry alone: size-only types are its storable entries without kernels.
+  assert type_size("iq4_nl") is REGISTRY[20] and not type_size("IQ4_NL").computable
+  assert type_size("Q4_K").computable
   assert tensor_bytes("IQ4_NL", (128, 512, 128)) == 4 * 18 * 512 * 128
+  with pytest.raises(ValueError, match="not a storage type"):
+    type_size("Q8_1")
+  # The i-quants of published DeepSeek mixes are sized too (a plan or a GGUF header can name them).
+  assert tensor_bytes("IQ2_XXS", (7168, 2048)) == 7168 // 256 * 66 * 2048
+  with pytest.raises(ValueError, match="plannable types: BF16, F16, F32, IQ1_M, IQ1_S, IQ2_S"):
+    type_size("IQ5_K")  # an ik_llama.cpp type: neither ggml nor the registry knows it
   assert tensor_bytes("F32", (7168,)) == 4 * 7168
   with pytest.raises(ValueError, match="multiple of the block"):
     tensor_bytes("Q4_K", (128, 4))

@@ -1,7 +1,4 @@
-"""`dq3jax ablate [CHECKPOINT] --recipes F32,Q8_0,Q4_K_M,Q3_K_M,DQ3_K_M,Q2_K [--layers N] [--experts E]
-[--tokens T.npy | --text FILE] [--report R.json] [--plot P.png] [--sensitivity [--sensitivity-type Q2_K]]
-[--rules current|legacy] [--imatrix FILE]`: accuracy of recipes on a (truncated) model, as llama-perplexity
---kl-divergence would report it, without writing GGUF files."""
+"""`dq3jax ablate [CHECKPOINT] --recipes ...`: the argparse declaration and the glue."""
 
 from __future__ import annotations
 
@@ -9,26 +6,29 @@ import argparse
 import os
 import sys
 
-_DESCRIPTION = """\
-Quantize a (truncated) DeepSeek-V3 model with each recipe exactly as `dq3jax quantize` / llama-quantize would,
-dequantize it in memory, run it on the same tokens and compare its logits with the unquantized model's:
-KL divergence, same top token, Δp and the perplexity ratio (llama-perplexity's definitions), plus the recipe's
-bits per weight and size. With --sensitivity, also quantize one tensor class (and layer group) at a time to a
-low type and rank the classes by the KL divergence each adds.
-
-CHECKPOINT is an HF DeepSeek-V3 directory or builtin:NAME; omitted, the embedded random-weight v3-mini-256.
-Without --tokens/--text the evaluation tokens are sampled from the unquantized model (see docs/ablate.md).
-All input errors are reported (exit code 2) before any quantization starts."""
+from dq3jax.cli import options
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-  from dq3jax.ablate.run import DEFAULT_RECIPES  # noqa: PLC0415
+  from dq3jax.ablate.run import DEFAULT_RECIPES
 
-  p = subparsers.add_parser(
+  p = options.command(
+    subparsers,
     "ablate",
-    help="KLD / top-1 / perplexity of quantization recipes on a (truncated) model, and a sensitivity map",
-    description=_DESCRIPTION,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
+    summary="KLD / top-1 / perplexity of quantization recipes on a (truncated) model, and a sensitivity map",
+    reads="an HF checkpoint directory or builtin:NAME (default: the embedded random-weight v3-mini-256); "
+    "--tokens .npy or --text (with the checkpoint's tokenizer.json); --imatrix; recipe .json files if given",
+    writes="a Markdown table on stdout; --report JSON (atomically); --plot PNGs (P.png, P-sensitivity.png); "
+    "no GGUF files",
+    about="Quantize a (truncated) DeepSeek-V3 model with each recipe exactly as `dq3jax quantize` / "
+    "llama-quantize would, dequantize it in memory, run it on the same tokens and compare its logits with "
+    "the unquantized model's: KL divergence, same top token, Δp and the perplexity ratio "
+    "(llama-perplexity's definitions), plus the recipe's bits per weight and size. With --sensitivity, also "
+    "quantize one tensor class (and layer group) at a time to a low type and rank the classes by the KL "
+    "divergence each adds."
+    "\n\n"
+    "Without --tokens/--text the evaluation tokens are sampled from the unquantized model (see "
+    "docs/ablate.md). All input errors are reported (exit status 2) before any quantization starts.",
   )
   p.add_argument("checkpoint", nargs="?", default=None, help="HF checkpoint directory or builtin:NAME")
   p.add_argument(
@@ -37,13 +37,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     help="comma-separated: F32, F16, BF16, llama.cpp presets, DQ3_K_M or recipe .json files "
     f"(default {','.join(DEFAULT_RECIPES)})",
   )
-  p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
-  p.add_argument(
-    "--experts", type=int, default=None, help="keep only the first E routed experts per MoE layer"
-  )
+  options.layers(p)
+  options.experts(p)
   src = p.add_mutually_exclusive_group()
-  src.add_argument("--tokens", default=None, help=".npy of integer token ids, [T] (a stream) or [B, T]")
-  src.add_argument("--text", default=None, help="text file, tokenized with CHECKPOINT/tokenizer.json")
+  src.add_argument(
+    "--tokens", default=None, metavar="T.npy", help=".npy of integer token ids, [T] (a stream) or [B, T]"
+  )
+  src.add_argument(
+    "--text", default=None, metavar="FILE", help="text file, tokenized with CHECKPOINT/tokenizer.json"
+  )
   p.add_argument(
     "--tokens-are-text",
     action=argparse.BooleanOptionalAction,
@@ -56,30 +58,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     "--sequences", type=int, default=8, help="sampled sequences; at most this many windows of a stream"
   )
   p.add_argument("--seed", type=int, default=0, help="seed of the sampled tokens")
-  p.add_argument("--report", default=None, help="write everything as JSON (atomically)")
-  p.add_argument("--plot", default=None, help="PNG: mean KLD against bits per weight (+ P-sensitivity.png)")
+  options.report(p)
+  p.add_argument(
+    "--plot",
+    default=None,
+    metavar="P.png",
+    help="PNG: mean KLD against bits per weight (+ P-sensitivity.png)",
+  )
   p.add_argument("--sensitivity", action="store_true", help="also rank tensor classes by the KLD each adds")
   # No default here: None tells "not given" from "given as Q2_K", which without --sensitivity is an error too.
-  p.add_argument("--sensitivity-type", default=None, help="type for --sensitivity (default Q2_K)")
-  p.add_argument("--rules", choices=["current", "legacy"], default="current", help="llama.cpp rule set")
   p.add_argument(
-    "--layout",
-    choices=["split", "kv_b"],
-    default="split",
-    help="attention tensors as attn_k_b/v_b or attn_kv_b",
+    "--sensitivity-type", default=None, metavar="TYPE", help="type for --sensitivity (default Q2_K)"
   )
-  p.add_argument("--imatrix", default=None, help="llama.cpp importance matrix (.dat or .gguf)")
+  options.rules(p)
+  options.layout(p)
+  options.imatrix(p)
   p.add_argument("--verbose", action="store_true", help="also print llama-perplexity's full block per recipe")
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  options.no_progress(p)
   p.set_defaults(func=run)
   return p
 
 
 def run(args: argparse.Namespace) -> int:
-  """ValueError / FileNotFoundError (bad input) propagate: dq3jax.cli reports them with exit code 2."""
-  from dq3jax.ablate import report  # noqa: PLC0415
-  from dq3jax.ablate.run import AblationSpec, setup  # noqa: PLC0415
-  from dq3jax.ablate.run import run as run_ablation  # noqa: PLC0415
+  from dq3jax.ablate import report
+  from dq3jax.ablate.run import AblationSpec, setup
+  from dq3jax.ablate.run import run as run_ablation
 
   if args.sensitivity_type is not None and not args.sensitivity:
     raise ValueError(
@@ -127,13 +130,3 @@ def _check_writable(opt: str, path: str | None) -> None:
     raise ValueError(f"{opt} {path}: cannot write in {parent}")
   if os.path.isdir(path):
     raise ValueError(f"{opt} {path}: is a directory")
-
-
-def main(argv=None) -> int:
-  from dq3jax import cli  # noqa: PLC0415
-
-  return cli.main(["ablate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

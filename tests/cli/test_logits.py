@@ -1,8 +1,7 @@
-"""The `logits` subcommand, driven through its own argparse parser."""
+"""`dq3jax logits` end to end through dq3jax.cli.main: dtypes, truncation, FP8 rounding, bad input."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -19,13 +18,7 @@ from dq3jax.convert.quantize import quantize_to_gguf
 from dq3jax.convert.sources import ParamsSource
 from dq3jax.io import gguf_read, hf_writer
 from dq3jax.io.safetensors_format import read_header
-from dq3jax.model import cli_logits, random_init, runner
-
-
-def parse(argv):
-  parser = argparse.ArgumentParser(prog="dq3jax")
-  cli_logits.add_parser(parser.add_subparsers(dest="command", required=True))
-  return parser.parse_args(argv)
+from dq3jax.model import random_init, runner
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +36,8 @@ def checkpoint(tmp_path_factory):
 def test_logits_command(checkpoint, dtype):
   root, cfg, params, tokens = checkpoint
   out = root / f"logits_{dtype}.npy"
-  args = parse(
-    ["logits", str(root / "model"), "--tokens", str(root / "tokens.npy"), "--out", str(out), "--dtype", dtype]
-  )
-  assert args.func(args) == 0
+  argv = [str(root / "model"), "--tokens", str(root / "tokens.npy"), "--out", str(out), "--dtype", dtype]
+  assert cli.main(["logits", *argv, "--no-progress"]) == 0
   got = np.load(out)
   # float64 is written as computed; numpy has no bfloat16, which float32 holds exactly.
   stored = np.float64 if dtype == "float64" else np.float32
@@ -59,21 +50,8 @@ def test_logits_command(checkpoint, dtype):
 def test_truncated_logits_command(checkpoint):
   root, cfg, params, tokens = checkpoint
   out = root / "small.npy"
-  args = parse(
-    [
-      "logits",
-      str(root / "model"),
-      "--tokens",
-      str(root / "tokens.npy"),
-      "--out",
-      str(out),
-      "--layers",
-      "2",
-      "--experts",
-      "4",
-    ]
-  )
-  assert cli_logits.run(args) == 0
+  argv = [str(root / "model"), "--tokens", str(root / "tokens.npy"), "--out", str(out)]
+  assert cli.main(["logits", *argv, "--layers", "2", "--experts", "4", "--no-progress"]) == 0
   small = cfg.truncate(layers=2, experts=4)
   want = runner.logits(random_init.truncate_params(params, cfg, small), tokens, small)
   np.testing.assert_array_equal(np.load(out), want)
@@ -82,21 +60,19 @@ def test_truncated_logits_command(checkpoint):
 def test_bad_tokens(checkpoint, tmp_path, capsys):
   root, *_ = checkpoint
   np.save(tmp_path / "t.npy", np.zeros(5, np.int64))
-  args = parse(
-    ["logits", str(root / "model"), "--tokens", str(tmp_path / "t.npy"), "--out", str(tmp_path / "o.npy")]
-  )
-  assert cli_logits.run(args) == 2
+  argv = [str(root / "model"), "--tokens", str(tmp_path / "t.npy"), "--out", str(tmp_path / "o.npy")]
+  assert cli.main(["logits", *argv, "--no-progress"]) == 2
   assert "[batch, seq]" in capsys.readouterr().err
   np.save(tmp_path / "t.npy", np.full((1, 3), 10_000, np.int64))
-  assert cli_logits.run(args) == 2
+  assert cli.main(["logits", *argv, "--no-progress"]) == 2
+  assert "token ids must be in [0, " in capsys.readouterr().err
+  assert not (tmp_path / "o.npy").exists()
 
 
 def test_bad_checkpoint(tmp_path, capsys):
   np.save(tmp_path / "t.npy", np.zeros((1, 2), np.int64))
-  args = parse(
-    ["logits", str(tmp_path), "--tokens", str(tmp_path / "t.npy"), "--out", str(tmp_path / "o.npy")]
-  )
-  assert cli_logits.run(args) == 2
+  argv = ["logits", str(tmp_path), "--tokens", str(tmp_path / "t.npy"), "--out", str(tmp_path / "o.npy")]
+  assert cli.main([*argv, "--no-progress"]) == 2
   assert capsys.readouterr().err == f"dq3jax logits: error: {tmp_path / 'config.json'}: file not found\n"
   assert not (tmp_path / "o.npy").exists()
 
@@ -111,10 +87,8 @@ def test_fp8_bf16_rounding_flag(tmp_path):
   outs = {}
   for flag in ([], ["--fp8-bf16"]):
     out = tmp_path / f"o{len(flag)}.npy"
-    args = parse(
-      ["logits", str(tmp_path / "m"), "--tokens", str(tmp_path / "t.npy"), "--out", str(out), *flag]
-    )
-    assert cli_logits.run(args) == 0
+    argv = ["logits", str(tmp_path / "m"), "--tokens", str(tmp_path / "t.npy"), "--out", str(out), *flag]
+    assert cli.main([*argv, "--no-progress"]) == 0
     outs[len(flag)] = np.load(out)
   _, rounded = safetensors_ckpt.load(str(tmp_path / "m"), round_fp8_to_bf16=True)
   np.testing.assert_array_equal(outs[1], runner.logits(rounded, tokens, cfg))
