@@ -1,13 +1,13 @@
 """Task runner. Each session installs the project into its own virtualenv from PyPI.
 
-  nox -s tests       the default test suite (what CI runs)
-  nox -s crosscheck  kernels vs ggml at 10x the default size, under default XLA flags and
-                     under --xla_cpu_max_isa=AVX (no FMA), plus the model vs transformers
-  nox -s bench       throughput vs ggml and forward time vs transformers, measured in one run
-  nox -s lint        ruff check and ruff format --check
-  nox -s goldens     regenerate goldens/ from seeds and verify it
-  nox -s retrain     retrain v3-pydoc into goldens/models/v3-pydoc (hf/ and train/; ~20 min on 2 cores);
-                     `nox -s goldens` never retrains, it reads these committed files
+nox -s tests       the default test suite (what CI runs)
+nox -s crosscheck  kernels vs ggml at 10x the default size, under default XLA flags and
+                   under --xla_cpu_max_isa=AVX (no FMA), plus the model vs transformers
+nox -s bench       throughput vs ggml and forward time vs transformers, measured in one run
+nox -s lint        ruff check and ruff format --check
+nox -s goldens     regenerate goldens/ from seeds and verify it
+nox -s retrain     retrain v3-pydoc into goldens/models/v3-pydoc (hf/ and train/; ~20 min on 2 cores);
+                   `nox -s goldens` never retrains, it reads these committed files
 """
 
 import os
@@ -38,10 +38,24 @@ def tests(session):
 def crosscheck(session):
   """Ten times the default cross-check, with default XLA flags and with FMA unavailable."""
   _install(session)
-  session.run("python", "-m", "pytest", "-m", "crosscheck", "tests/quant", *session.posargs,
-              env={"DQ3JAX_CROSSCHECK_SCALE": "10"})
-  session.run("python", "-m", "tests.quant.crosscheck", "--blocks", "500000",
-              env={"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX").strip()})
+  session.run(
+    "python",
+    "-m",
+    "pytest",
+    "-m",
+    "crosscheck",
+    "tests/quant",
+    *session.posargs,
+    env={"DQ3JAX_CROSSCHECK_SCALE": "10"},
+  )
+  session.run(
+    "python",
+    "-m",
+    "tests.quant.crosscheck",
+    "--blocks",
+    "500000",
+    env={"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX").strip()},
+  )
   session.run("python", "-m", "pytest", "-m", "crosscheck", "tests/model", "tests/io")
   # llama.cpp at all eight calibration settings on every model golden (the default suite runs four).
   session.run("python", "-m", "pytest", "-m", "slow", "tests/compare/test_verdicts.py")

@@ -254,7 +254,9 @@ def _model(model: str, root, tmp: pathlib.Path):
     listed = []
     for rel, blob in files.items():
       kind = "model-hf-trained" if "/hf/" in rel else "model-train"
-      listed.append((rel, blob, base | {"kind": kind, "generator": "committed input (python -m dq3jax.train)"}))
+      listed.append(
+        (rel, blob, base | {"kind": kind, "generator": "committed input (python -m dq3jax.train)"})
+      )
     return cfg, params, base, listed
   p = presets.preset(model)
   cfg, params = presets.params_of(model)
@@ -287,7 +289,9 @@ def model_goldens(model: str, progress=None, recipes: tuple[str, ...] = RECIPES,
         path = pathlib.Path(root or default_root()) / gguf_rel
       else:
         path = tmp / f"{recipe}.gguf"
-        res = quantize_to_gguf(ParamsSource(params, cfg), path, recipe, rules=RULES, layout=LAYOUT, name=model)
+        res = quantize_to_gguf(
+          ParamsSource(params, cfg), path, recipe, rules=RULES, layout=LAYOUT, name=model
+        )
         yield (
           gguf_rel,
           path.read_bytes(),
@@ -304,7 +308,9 @@ def model_goldens(model: str, progress=None, recipes: tuple[str, ...] = RECIPES,
         )
       for v in variants:
         rel, blob, entry = outputs_file(path, model, recipe, v, tokens)
-        if progress is not None and (entry["undecided"]["internal_count"] or entry["undecided"]["output_count"]):
+        if progress is not None and (
+          entry["undecided"]["internal_count"] or entry["undecided"]["output_count"]
+        ):
           progress(f"{rel}: undecided {describe(entry['undecided'])}")
         yield rel, blob, base | entry
       if progress is not None:
@@ -355,7 +361,9 @@ def describe(report: dict) -> str:
   (their elements are in the report)."""
   parts = [f"{k} at token(s) {', '.join(map(str, v))}" for k, v in report["internal"].items()]
   parts += [f"{k} x{len(v.split())}" for k, v in report["outputs"].items()]
-  return f"{report['internal_count']} internal, {report['output_count']} output element(s): " + "; ".join(parts)
+  return f"{report['internal_count']} internal, {report['output_count']} output element(s): " + "; ".join(
+    parts
+  )
 
 
 if __name__ == "__main__":  # python -m dq3jax.golden_models '{"v3-tiny": [["F32"], false]}' -> JSON hashes

@@ -72,14 +72,14 @@ def kernel_golden(type_name: str, mode: str) -> tuple[dict[str, np.ndarray], dic
   tensors["quantized"] = data
   tensors["dequantized"] = dq3jax.dequantize(data, q, x.shape)
   entry = {
-      "kind": "kernel",
-      "ggml_type": type_name,
-      "ggml_type_id": q.id,
-      "mode": mode,
-      "seed": seed,
-      "input_kinds": list(inputs.KINDS),
-      "rows_per_kind": ROWS_PER_KIND,
-      "generator": "dq3jax.goldens.kernel_golden",
+    "kind": "kernel",
+    "ggml_type": type_name,
+    "ggml_type_id": q.id,
+    "mode": mode,
+    "seed": seed,
+    "input_kinds": list(inputs.KINDS),
+    "rows_per_kind": ROWS_PER_KIND,
+    "generator": "dq3jax.goldens.kernel_golden",
   }
   return tensors, entry
 
@@ -111,10 +111,13 @@ def _environment() -> dict:
   import dq3jax  # noqa: PLC0415
 
   return {
-      "format_version": FORMAT_VERSION,
-      "generator_version": dq3jax.__version__,
-      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                   "gguf": getattr(gguf, "__version__", "unknown")},
+    "format_version": FORMAT_VERSION,
+    "generator_version": dq3jax.__version__,
+    "versions": {
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "gguf": getattr(gguf, "__version__", "unknown"),
+    },
   }
 
 
@@ -123,8 +126,9 @@ def machine() -> str:
   import jax  # noqa: PLC0415
 
   flags = os.environ.get("XLA_FLAGS", "")
-  return (f"{platform.machine()} {cpu_model()}, backend {jax.default_backend()}, numpy {np.__version__}"
-          + (f", XLA_FLAGS={flags}" if flags else ""))
+  return f"{platform.machine()} {cpu_model()}, backend {jax.default_backend()}, numpy {np.__version__}" + (
+    f", XLA_FLAGS={flags}" if flags else ""
+  )
 
 
 def _kernel_files(params: list[tuple[str, str]]) -> tuple[list[tuple[str, bytes, dict]], list[str]]:

@@ -139,9 +139,7 @@ class QType:
   def row_bytes(self, n: int) -> int:
     """Bytes of one row of `n` elements (ggml_row_size); `n` must be a multiple of the block."""
     if n % self.block_elems:
-      raise ValueError(
-          f"{self.name}: row width {n} is not a multiple of the block size {self.block_elems}"
-      )
+      raise ValueError(f"{self.name}: row width {n} is not a multiple of the block size {self.block_elems}")
     return n // self.block_elems * self.block_bytes
 
 
@@ -154,8 +152,13 @@ def _k(family: Family, quantize: str, dequantize: str, **kw) -> Kernels:
 
 def _q(t, elems, nbytes, imatrix, vec_dot, kernels, storable=True) -> QType:
   return QType(
-      ggml_type=t, block_elems=elems, block_bytes=nbytes, uses_imatrix=imatrix, storable=storable,
-      kernels=kernels, vec_dot_type=vec_dot,
+    ggml_type=t,
+    block_elems=elems,
+    block_bytes=nbytes,
+    uses_imatrix=imatrix,
+    storable=storable,
+    kernels=kernels,
+    vec_dot_type=vec_dot,
   )
 
 
@@ -224,8 +227,8 @@ def qtype_of(t: object) -> QType:
     if q is None:
       name = t.name if isinstance(t, enum.Enum) else str(int(t))
       raise ValueError(
-          f"ggml type {name} (id {int(t)}) is not supported by dq3jax; "
-          f"supported: {', '.join(q.name for q in REGISTRY.values())}"
+        f"ggml type {name} (id {int(t)}) is not supported by dq3jax; "
+        f"supported: {', '.join(q.name for q in REGISTRY.values())}"
       )
     return q
   raise TypeError(f"expected a ggml type name, id or gguf.GGMLQuantizationType, got {type(t).__name__}")

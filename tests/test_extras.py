@@ -13,8 +13,14 @@ def test_require_imports_what_is_there():
   assert extras.require("json", "anything").dumps([1]) == "[1]"
 
 
-@pytest.mark.parametrize(("module", "hint"), [("matplotlib", "dq3jax[ablate]"), ("tokenizers", "dq3jax[ablate]"),
-                                              ("no_such_module_here", "pip install no_such_module_here")])
+@pytest.mark.parametrize(
+  ("module", "hint"),
+  [
+    ("matplotlib", "dq3jax[ablate]"),
+    ("tokenizers", "dq3jax[ablate]"),
+    ("no_such_module_here", "pip install no_such_module_here"),
+  ],
+)
 def test_missing_module_names_what_needs_it_and_how_to_install(module, hint, monkeypatch):
   monkeypatch.setitem(sys.modules, module, None)  # import of a None entry raises ImportError
   with pytest.raises(extras.MissingExtra) as e:

@@ -93,7 +93,9 @@ def test_manifest_lists_every_model_file_with_its_provenance():
   # Only what pyproject.toml pins exactly: another machine's regeneration must leave the manifest unchanged.
   import jax  # noqa: PLC0415
 
-  assert set(MANIFEST["versions"]) == {"jax", "jaxlib", "gguf"} and MANIFEST["versions"]["jax"] == jax.__version__
+  assert (
+    set(MANIFEST["versions"]) == {"jax", "jaxlib", "gguf"} and MANIFEST["versions"]["jax"] == jax.__version__
+  )
   assert not {"platform", "xla_flags"} & set(MANIFEST)
 
 

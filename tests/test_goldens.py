@@ -27,8 +27,10 @@ def test_manifest_covers_every_type_and_mode_and_hashes_verify():
   assert total < 100 * 2**20  # the budget for goldens/ (issue 10)
 
 
-@pytest.mark.parametrize("rel", ["kernels/Q4_K-imatrix.safetensors", "kernels/Q3_K-ref.safetensors",
-                                 "kernels/Q4_0-imatrix.safetensors"])
+@pytest.mark.parametrize(
+  "rel",
+  ["kernels/Q4_K-imatrix.safetensors", "kernels/Q3_K-ref.safetensors", "kernels/Q4_0-imatrix.safetensors"],
+)
 def test_regeneration_reproduces_committed_bytes(rel):
   entry = MANIFEST["files"][rel]
   for _ in range(2):  # twice: regeneration is deterministic
@@ -77,7 +79,9 @@ def test_failure_while_swapping_in_leaves_previous_goldens_intact(tmp_path, monk
   out = tmp_path / "g"
   out.mkdir()
   (out / "manifest.json").write_text("old")
-  monkeypatch.setattr(goldens, "build", lambda progress=True, **_: ({"kernels/a.safetensors": b"new"}, {"files": {}}))
+  monkeypatch.setattr(
+    goldens, "build", lambda progress=True, **_: ({"kernels/a.safetensors": b"new"}, {"files": {}})
+  )
 
   def failing_replace(src, dst):
     raise OSError("disk full")

@@ -141,8 +141,11 @@ def apply_overrides(base: Thresholds, items: Sequence[str]) -> tuple[Thresholds,
     was = getattr(base, name)
     looser = value < was if name in _HIGHER_IS_STRICTER else value > was
     tighter = value > was if name in _HIGHER_IS_STRICTER else value < was
-    record[name] = {"value": value, "profile_value": was,
-                    "change": "looser" if looser else "stricter" if tighter else "unchanged"}
+    record[name] = {
+      "value": value,
+      "profile_value": was,
+      "change": "looser" if looser else "stricter" if tighter else "unchanged",
+    }
   return dataclasses.replace(base, **changes), record
 
 
@@ -246,36 +249,68 @@ def _deltas_text(first: metrics.BlockDiff) -> str:
   parts = []
   for d in first.deltas[:3]:
     bits = ",".join(str(b) for b in d.bits)
-    parts.append(f"byte +{d.offset_in_block}: {d.golden:#04x} vs {d.candidate:#04x} (xor {d.xor:#04x}, bit {bits})")
+    parts.append(
+      f"byte +{d.offset_in_block}: {d.golden:#04x} vs {d.candidate:#04x} (xor {d.xor:#04x}, bit {bits})"
+    )
   more = f"; {first.n_bytes_differ} bytes, {first.n_bits_differ} bits differ in this block"
   return ", ".join(parts) + more
 
 
 def _byte_metrics(d: metrics.ByteDiff) -> dict:
-  out: dict = {"blocks": d.n_blocks, "blocks_differ": d.n_blocks_differ, "bytes_differ": d.n_bytes_differ,
-               "first": None}
+  out: dict = {
+    "blocks": d.n_blocks,
+    "blocks_differ": d.n_blocks_differ,
+    "bytes_differ": d.n_bytes_differ,
+    "first": None,
+  }
   if d.first is not None:
     f = d.first
     out["first"] = {
-      "row": f.row, "block": f.block, "byte_offset": f.byte_offset, "bytes_differ": f.n_bytes_differ,
+      "row": f.row,
+      "block": f.block,
+      "byte_offset": f.byte_offset,
+      "bytes_differ": f.n_bytes_differ,
       "bits_differ": f.n_bits_differ,
-      "bytes": [{"offset_in_block": x.offset_in_block, "golden": x.golden, "candidate": x.candidate,
-                 "xor": x.xor, "bits": list(x.bits)} for x in f.deltas],
+      "bytes": [
+        {
+          "offset_in_block": x.offset_in_block,
+          "golden": x.golden,
+          "candidate": x.candidate,
+          "xor": x.xor,
+          "bits": list(x.bits),
+        }
+        for x in f.deltas
+      ],
     }
   return out
 
 
-def bytes_row(name: str, g: np.ndarray, c: np.ndarray, block_bytes: int, thr: Thresholds,
-              kind: TensorKind = TensorKind.BYTES, where: str = "") -> Row:
+def bytes_row(
+  name: str,
+  g: np.ndarray,
+  c: np.ndarray,
+  block_bytes: int,
+  thr: Thresholds,
+  kind: TensorKind = TensorKind.BYTES,
+  where: str = "",
+) -> Row:
   d = metrics.byte_diff(g, c, block_bytes)
   if d.first is None:
     summary = f"identical ({d.n_blocks} blocks)"
   else:
     f = d.first
-    summary = (f"{d.n_blocks_differ} of {d.n_blocks} blocks differ; first: row {f.row}, block {f.block}, byte "
-               f"offset {f.byte_offset}{where}: {_deltas_text(f)}")
-  return Row(name, kind, Status.PASS if d.n_blocks_differ <= thr.bytes_max_diff_blocks else Status.FAIL,
-             summary, f"<= {thr.bytes_max_diff_blocks} blocks differ", _byte_metrics(d))
+    summary = (
+      f"{d.n_blocks_differ} of {d.n_blocks} blocks differ; first: row {f.row}, block {f.block}, byte "
+      f"offset {f.byte_offset}{where}: {_deltas_text(f)}"
+    )
+  return Row(
+    name,
+    kind,
+    Status.PASS if d.n_blocks_differ <= thr.bytes_max_diff_blocks else Status.FAIL,
+    summary,
+    f"<= {thr.bytes_max_diff_blocks} blocks differ",
+    _byte_metrics(d),
+  )
 
 
 def _float_metrics(fe: metrics.FloatErrors) -> dict:
@@ -285,14 +320,22 @@ def _float_metrics(fe: metrics.FloatErrors) -> dict:
 def kernel_float_row(name: str, g: np.ndarray, c: np.ndarray, thr: Thresholds) -> Row:
   fe = metrics.float_errors(g, c)
   at = f" at {list(fe.max_ulp_index)}" if fe.max_ulp_index else ""
-  summary = f"max ULP {_g(fe.max_ulp)}{at}, max abs {_g(fe.max_abs)}, max rel {_g(fe.max_rel)}, NMSE {_g(fe.nmse)}"
+  summary = (
+    f"max ULP {_g(fe.max_ulp)}{at}, max abs {_g(fe.max_abs)}, max rel {_g(fe.max_rel)}, NMSE {_g(fe.nmse)}"
+  )
   if fe.bits_differ and fe.max_ulp == 0:
     summary += f"; {fe.bits_differ} elements differ only in the sign of zero or a NaN payload"
   if fe.nan_mismatch:
     summary += f"; {fe.nan_mismatch} NaN in one only"
   ok = _within(fe.max_ulp, thr.kernel_max_ulp)
-  return Row(name, TensorKind.KERNEL_FLOATS, Status.PASS if ok else Status.FAIL, summary,
-             f"max ULP <= {thr.kernel_max_ulp}", _float_metrics(fe))
+  return Row(
+    name,
+    TensorKind.KERNEL_FLOATS,
+    Status.PASS if ok else Status.FAIL,
+    summary,
+    f"max ULP <= {thr.kernel_max_ulp}",
+    _float_metrics(fe),
+  )
 
 
 def input_row(name: str, g: np.ndarray, c: np.ndarray, cand_path: str) -> Row:
@@ -310,25 +353,43 @@ def input_row(name: str, g: np.ndarray, c: np.ndarray, cand_path: str) -> Row:
   return Row(name, TensorKind.INPUT, Status.PASS, "identical to the golden's input", "identical", {})
 
 
-def floats_row(name: str, g: np.ndarray, c: np.ndarray, bound: float, kind: TensorKind = TensorKind.FLOATS,
-               extra: str = "", extra_metrics: Mapping | None = None) -> Row:
+def floats_row(
+  name: str,
+  g: np.ndarray,
+  c: np.ndarray,
+  bound: float,
+  kind: TensorKind = TensorKind.FLOATS,
+  extra: str = "",
+  extra_metrics: Mapping | None = None,
+) -> Row:
   fe = metrics.float_errors(g, c)
   m = _float_metrics(fe) | dict(extra_metrics or {})
-  summary = f"NMSE {_g(fe.nmse)}, max abs {_g(fe.max_abs)}, max rel {_g(fe.max_rel)}, max ULP {_g(fe.max_ulp)}"
+  summary = (
+    f"NMSE {_g(fe.nmse)}, max abs {_g(fe.max_abs)}, max rel {_g(fe.max_rel)}, max ULP {_g(fe.max_ulp)}"
+  )
   if g.ndim == 2 and g.shape[0] > 1:
     per = metrics.nmse_rows(g, c)
     worst = int(np.argmax(np.where(np.isnan(per), np.inf, per)))  # NaN ranks worst
     m["worst_token"], m["worst_token_nmse"] = worst, float(per[worst])
     if per[worst] != 0:
       summary += f"; worst token {worst} (NMSE {_g(float(per[worst]))})"
-  return Row(name, kind, Status.PASS if _within(fe.nmse, bound) else Status.FAIL, summary + extra,
-             f"NMSE <= {_g(bound)}", m)
+  return Row(
+    name,
+    kind,
+    Status.PASS if _within(fe.nmse, bound) else Status.FAIL,
+    summary + extra,
+    f"NMSE <= {_g(bound)}",
+    m,
+  )
 
 
 def _llama_labels(s: logit_stats.LogitStats, with_dp: bool) -> dict:
   """The statistics under the labels llama-perplexity prints (percentages where it prints percent)."""
+
   def label(k: str, what: str) -> str:
-    return {"max": f"Maximum {what}", "median": f"Median {what}", "min": f"Minimum {what}"}.get(k, f"{k}% {what}")
+    return {"max": f"Maximum {what}", "median": f"Median {what}", "min": f"Minimum {what}"}.get(
+      k, f"{k}% {what}"
+    )
 
   out = {"Mean KLD": s.kld_mean, "Mean KLD unc": s.kld_unc}
   out |= {label(k, "KLD"): v for k, v in s.kld.items()}
@@ -336,14 +397,26 @@ def _llama_labels(s: logit_stats.LogitStats, with_dp: bool) -> dict:
   if with_dp and s.dp is not None:
     out |= {"Mean Δp": 100 * s.dp_mean, "Mean Δp unc": 100 * s.dp_unc}
     out |= {label(k, "Δp"): 100 * v for k, v in s.dp.items()}
-    out |= {"RMS Δp": 100 * s.dp_rms, "RMS Δp unc": 100 * s.dp_rms_unc,
-            "Mean PPL(Q)": s.ppl_q, "Mean PPL(base)": s.ppl_base,
-            "Mean ln(PPL(Q)/PPL(base))": s.ln_ppl_ratio, "Mean ln(PPL(Q)/PPL(base)) unc": s.ln_ppl_ratio_unc}
+    out |= {
+      "RMS Δp": 100 * s.dp_rms,
+      "RMS Δp unc": 100 * s.dp_rms_unc,
+      "Mean PPL(Q)": s.ppl_q,
+      "Mean PPL(base)": s.ppl_base,
+      "Mean ln(PPL(Q)/PPL(base))": s.ln_ppl_ratio,
+      "Mean ln(PPL(Q)/PPL(base)) unc": s.ln_ppl_ratio_unc,
+    }
   return out
 
 
-def logits_row(name: str, g: np.ndarray, c: np.ndarray, next_tokens: np.ndarray | None, thr: Thresholds,
-               status_if_judged: bool = True, label: str | None = None) -> Row:
+def logits_row(
+  name: str,
+  g: np.ndarray,
+  c: np.ndarray,
+  next_tokens: np.ndarray | None,
+  thr: Thresholds,
+  status_if_judged: bool = True,
+  label: str | None = None,
+) -> Row:
   """llama-perplexity's statistics of candidate logits c against golden g [N, V].
 
   KLD and Same top p use all N positions; Δp and perplexity need the next token, so they use the first N-1
@@ -353,71 +426,121 @@ def logits_row(name: str, g: np.ndarray, c: np.ndarray, next_tokens: np.ndarray 
   bad = ~np.isfinite(c)
   if bad.any():
     pos, tok = (int(i) for i in np.argwhere(bad)[0])
-    return Row(label or name, TensorKind.LOGITS, Status.FAIL,
-               f"non-finite logit {c[pos, tok]} at position {pos}, token {tok} ({int(bad.sum())} in all)", bound,
-               {"non_finite": int(bad.sum())})
+    return Row(
+      label or name,
+      TensorKind.LOGITS,
+      Status.FAIL,
+      f"non-finite logit {c[pos, tok]} at position {pos}, token {tok} ({int(bad.sum())} in all)",
+      bound,
+      {"non_finite": int(bad.sum())},
+    )
   s = logit_stats.logit_stats(g, c)
   m = {"positions": s.n} | _llama_labels(s, with_dp=False)
   if next_tokens is not None and g.shape[0] > 1:
     sd = logit_stats.logit_stats(g[:-1], c[:-1], next_tokens)
     m |= {"Δp positions": sd.n} | {k: v for k, v in _llama_labels(sd, with_dp=True).items() if k not in m}
   m |= {"NMSE": metrics.nmse(g, c), "max abs err": s.max_abs, "logit_stats": s.to_dict()}
-  summary = (f"Mean KLD {_g(s.kld_mean)} ± {_g(s.kld_unc)}, Maximum KLD {_g(s.kld['max'])}, "
-             f"Same top p {100 * s.same_top_p:.3f} ± {100 * s.same_top_p_unc:.3f} %")
+  summary = (
+    f"Mean KLD {_g(s.kld_mean)} ± {_g(s.kld_unc)}, Maximum KLD {_g(s.kld['max'])}, "
+    f"Same top p {100 * s.same_top_p:.3f} ± {100 * s.same_top_p_unc:.3f} %"
+  )
   if "RMS Δp" in m:
     summary += f", Mean Δp {m['Mean Δp']:.3f} %, RMS Δp {m['RMS Δp']:.3f} %"
   summary += f", NMSE {_g(m['NMSE'])}, max abs {_g(s.max_abs)} ({s.n} positions)"
   ok = _within(s.kld_mean, thr.logits_mean_kld) and s.same_top_p >= thr.logits_min_same_top_p
   status = (Status.PASS if ok else Status.FAIL) if status_if_judged else Status.INFO
-  return Row(label or name, TensorKind.LOGITS, status, summary, bound if status_if_judged else "not judged", m)
+  return Row(
+    label or name, TensorKind.LOGITS, status, summary, bound if status_if_judged else "not judged", m
+  )
 
 
-def router_ids_row(name: str, flips: routing.Flips, g: np.ndarray, c: np.ndarray, thr: Thresholds,
-                   recomputed: bool) -> Row:
+def router_ids_row(
+  name: str, flips: routing.Flips, g: np.ndarray, c: np.ndarray, thr: Thresholds, recomputed: bool
+) -> Row:
   """Expert sets: only decisive flips count against the bound; explained ones are listed."""
   n = int(flips.differs.size)
   k_all, k_bad = int(flips.differs.sum()), int(flips.decisive.sum())
   frac = k_bad / n if n else 0.0
   summary = f"expert set differs at {k_all} of {n} positions"
-  m: dict = {"positions": n, "positions_differ": k_all, "positions_decisive": k_bad, "fraction_decisive": frac,
-             "positions_explained": int(flips.explained.sum())}
+  m: dict = {
+    "positions": n,
+    "positions_differ": k_all,
+    "positions_decisive": k_bad,
+    "fraction_decisive": frac,
+    "positions_explained": int(flips.explained.sum()),
+  }
   if k_all:
     finite = flips.margins[flips.differs & np.isfinite(flips.margins)]
     m["golden_gaps_at_flips"] = [float(x) for x in finite]
   if flips.explained.any():
     ex = np.flatnonzero(flips.explained)
-    summary += (f"; {ex.size} explained (golden gap <= {_g(thr.router_tie_gap)}, a near-tie rounding can "
-                f"cross): {flips.describe(ex)}")
+    summary += (
+      f"; {ex.size} explained (golden gap <= {_g(thr.router_tie_gap)}, a near-tie rounding can "
+      f"cross): {flips.describe(ex)}"
+    )
     if recomputed:
       summary += "; downstream judged against the golden recomputed with the candidate's experts there"
   if k_bad:
     t = int(np.argmax(flips.decisive))
-    m["first"] = {"token": t, "golden": g[t].tolist(), "candidate": c[t].tolist(),
-                  "golden_gap": float(flips.margins[t])}
-    gap = "no router scores in the golden" if not np.isfinite(flips.margins[t]) else \
-      f"golden gap {_g(float(flips.margins[t]))}"
-    summary += (f"; {k_bad} DECISIVE, first at token {t}: golden {sorted(g[t].tolist())}, candidate "
-                f"{sorted(c[t].tolist())} ({gap})")
-  return Row(name, TensorKind.ROUTER_IDS, Status.PASS if frac <= thr.router_max_set_mismatch else Status.FAIL,
-             summary, f"decisive flips <= {_g(thr.router_max_set_mismatch)} of positions; tie gap "
-             f"{_g(thr.router_tie_gap)}", m)
+    m["first"] = {
+      "token": t,
+      "golden": g[t].tolist(),
+      "candidate": c[t].tolist(),
+      "golden_gap": float(flips.margins[t]),
+    }
+    gap = (
+      "no router scores in the golden"
+      if not np.isfinite(flips.margins[t])
+      else f"golden gap {_g(float(flips.margins[t]))}"
+    )
+    summary += (
+      f"; {k_bad} DECISIVE, first at token {t}: golden {sorted(g[t].tolist())}, candidate "
+      f"{sorted(c[t].tolist())} ({gap})"
+    )
+  return Row(
+    name,
+    TensorKind.ROUTER_IDS,
+    Status.PASS if frac <= thr.router_max_set_mismatch else Status.FAIL,
+    summary,
+    f"decisive flips <= {_g(thr.router_max_set_mismatch)} of positions; tie gap {_g(thr.router_tie_gap)}",
+    m,
+  )
 
 
-def router_weights_row(name: str, g: np.ndarray, c: np.ndarray, g_ids: np.ndarray | None,
-                       c_ids: np.ndarray | None, thr: Thresholds) -> Row:
+def router_weights_row(
+  name: str, g: np.ndarray, c: np.ndarray, g_ids: np.ndarray | None, c_ids: np.ndarray | None, thr: Thresholds
+) -> Row:
   if g_ids is None or c_ids is None:
     # Without the candidate's ids the weights can only be compared in the golden's order.
-    return floats_row(name, g, c, thr.router_weights_nmse, TensorKind.ROUTER_WEIGHTS,
-                      extra=" (in the golden's order: the candidate supplied no topk_ids)")
+    return floats_row(
+      name,
+      g,
+      c,
+      thr.router_weights_nmse,
+      TensorKind.ROUTER_WEIGHTS,
+      extra=" (in the golden's order: the candidate supplied no topk_ids)",
+    )
   same = ~metrics.topk_set_differs(g_ids, c_ids)
   if not same.any():
-    return Row(name, TensorKind.ROUTER_WEIGHTS, Status.FAIL, "no position selects the same expert set",
-               f"NMSE <= {_g(thr.router_weights_nmse)}", {"positions_compared": 0})
+    return Row(
+      name,
+      TensorKind.ROUTER_WEIGHTS,
+      Status.FAIL,
+      "no position selects the same expert set",
+      f"NMSE <= {_g(thr.router_weights_nmse)}",
+      {"positions_compared": 0},
+    )
   gw = metrics.weights_by_expert(g_ids, g)[same]
   cw = metrics.weights_by_expert(c_ids, c)[same]
-  return floats_row(name, gw, cw, thr.router_weights_nmse, TensorKind.ROUTER_WEIGHTS,
-                    extra=f" (over the {int(same.sum())} of {same.size} positions with the same expert set, "
-                    "by expert id)", extra_metrics={"positions_compared": int(same.sum())})
+  return floats_row(
+    name,
+    gw,
+    cw,
+    thr.router_weights_nmse,
+    TensorKind.ROUTER_WEIGHTS,
+    extra=f" (over the {int(same.sum())} of {same.size} positions with the same expert set, by expert id)",
+    extra_metrics={"positions_compared": int(same.sum())},
+  )
 
 
 def ints_row(name: str, g: np.ndarray, c: np.ndarray) -> Row:
@@ -425,17 +548,28 @@ def ints_row(name: str, g: np.ndarray, c: np.ndarray) -> Row:
   if not differs.any():
     return Row(name, TensorKind.INTS, Status.PASS, "identical", "identical", {"differ": 0})
   at = [int(i) for i in np.argwhere(differs)[0]]
-  return Row(name, TensorKind.INTS, Status.FAIL,
-             f"{int(differs.sum())} values differ; first at {at}: {c[tuple(at)]} vs golden {g[tuple(at)]}",
-             "identical", {"differ": int(differs.sum()), "first": at})
+  return Row(
+    name,
+    TensorKind.INTS,
+    Status.FAIL,
+    f"{int(differs.sum())} values differ; first at {at}: {c[tuple(at)]} vs golden {g[tuple(at)]}",
+    "identical",
+    {"differ": int(differs.sum()), "first": at},
+  )
 
 
 # --------------------------------------------------------------------------------------- comparisons
 
 
 _TOP_ORDER = ("tokens", "x", "imatrix", "quantized", "dequantized", *LOGIT_TENSORS)
-_STAGE_ORDER = ("attn_latent", "hidden_after_attn", "router_scores", "topk_ids", "topk_weights",
-                "hidden_after_mlp")
+_STAGE_ORDER = (
+  "attn_latent",
+  "hidden_after_attn",
+  "router_scores",
+  "topk_ids",
+  "topk_weights",
+  "hidden_after_mlp",
+)
 
 
 def _row_order(name: str) -> tuple:
@@ -445,7 +579,12 @@ def _row_order(name: str) -> tuple:
   m = _BLK.match(name)
   if m:
     stage = m.group(2)
-    return (1, int(m.group(1)), _STAGE_ORDER.index(stage) if stage in _STAGE_ORDER else len(_STAGE_ORDER), name)
+    return (
+      1,
+      int(m.group(1)),
+      _STAGE_ORDER.index(stage) if stage in _STAGE_ORDER else len(_STAGE_ORDER),
+      name,
+    )
   return (2, 0, 0, name)
 
 
@@ -465,9 +604,15 @@ def _next_tokens(golden: Golden) -> tuple[np.ndarray | None, int | None]:
   return tokens, (int(prefill) if prefill is not None else None)
 
 
-def compare_model_outputs(golden: Golden, gt: Mapping[str, np.ndarray], m: dumps.Matched, thr: Thresholds,
-                          flips: Mapping[int, routing.Flips], recomputed: bool,
-                          cand_path: str) -> tuple[list[Row], list[str]]:
+def compare_model_outputs(
+  golden: Golden,
+  gt: Mapping[str, np.ndarray],
+  m: dumps.Matched,
+  thr: Thresholds,
+  flips: Mapping[int, routing.Flips],
+  recomputed: bool,
+  cand_path: str,
+) -> tuple[list[Row], list[str]]:
   """Rows for a model-outputs golden. gt: the golden's tensors, recomputed with the candidate's experts at
   explained flips when `recomputed`; flips: per MoE layer the judged expert sets (against the original)."""
   tokens, prefill = _next_tokens(golden)
@@ -488,8 +633,12 @@ def compare_model_outputs(golden: Golden, gt: Mapping[str, np.ndarray], m: dumps
       nxt = None
       if tokens is not None and name == "logits" and tokens.size == g.shape[0]:
         nxt = tokens[1:]
-      elif tokens is not None and name == "decode_logits" and prefill is not None \
-          and prefill + g.shape[0] == tokens.size:
+      elif (
+        tokens is not None
+        and name == "decode_logits"
+        and prefill is not None
+        and prefill + g.shape[0] == tokens.size
+      ):
         nxt = tokens[prefill + 1 :]
       elif tokens is not None:
         notes.append(f"{name}: positions do not line up with tokens; Δp not computed")
@@ -508,8 +657,30 @@ def compare_model_outputs(golden: Golden, gt: Mapping[str, np.ndarray], m: dumps
   return rows, notes
 
 
-def first_divergence(gt: Mapping[str, np.ndarray], m: dumps.Matched, thr: Thresholds,
-                     flips: Mapping[int, routing.Flips]) -> dict | None:
+def _first_beyond(
+  layer: int | None, tensor: str, per: np.ndarray, bound: float, metric: str, or_worst: bool = False
+) -> dict | None:
+  """The first-divergence record for the first token whose per-token value is beyond the bound (NaN is); with
+  or_worst, the worst token when none is (a stage out of bounds as a whole); else None."""
+  out = np.flatnonzero(~(per <= bound))
+  if not out.size:
+    if not or_worst:
+      return None
+    out = np.array([int(np.argmax(np.where(np.isnan(per), np.inf, per)))])
+  t = int(out[0])
+  return {
+    "layer": layer,
+    "tensor": tensor,
+    "token": t,
+    "metric": metric,
+    "value": float(per[t]),
+    "bound": bound,
+  }
+
+
+def first_divergence(
+  gt: Mapping[str, np.ndarray], m: dumps.Matched, thr: Thresholds, flips: Mapping[int, routing.Flips]
+) -> dict | None:
   """The first (layer, tensor, token) whose per-token metric leaves its bound, in the order values are computed.
 
   Layers 0..L-1, within a layer attn_latent, hidden_after_attn, topk_ids, hidden_after_mlp; per token the
@@ -528,22 +699,16 @@ def first_divergence(gt: Mapping[str, np.ndarray], m: dumps.Matched, thr: Thresh
       else:
         per = metrics.nmse_rows(g.reshape(g.shape[0], -1), c.reshape(c.shape[0], -1))
         bound, metric = thr.intermediate_nmse, "per-token NMSE"
-      out = np.flatnonzero(~(per <= bound))
-      if out.size:
-        t = int(out[0])
-        return {"layer": layer, "tensor": name, "token": t, "metric": metric, "value": float(per[t]),
-                "bound": bound}
+      found = _first_beyond(layer, name, per, bound, metric)
+      if found is not None:
+        return found
   if "logits" in m.tensors:
     g, c = np.asarray(gt["logits"]), m.tensors["logits"]
     if np.isfinite(c).all():
       per = logit_stats.per_position_kld(g, c)
     else:
       per = np.where(np.isfinite(c).all(-1), 0.0, np.inf)
-    out = np.flatnonzero(~(per <= thr.logits_mean_kld))
-    if out.size:
-      t = int(out[0])
-      return {"layer": None, "tensor": "logits", "token": t, "metric": "per-token KLD", "value": float(per[t]),
-              "bound": thr.logits_mean_kld}
+    return _first_beyond(None, "logits", per, thr.logits_mean_kld, "per-token KLD")
   return None
 
 
@@ -589,13 +754,28 @@ def compare_gguf(g, c, thr: Thresholds) -> tuple[list[Row], list[dict]]:
     ce = c.tensors.get(name)
     desc = f"{te.type_name} {list(te.ne)}"
     if ce is None:
-      rows.append(Row(name, TensorKind.GGUF_TENSOR, Status.FAIL, f"missing from the candidate (golden: {desc})",
-                      "same type, shape, bytes", {"golden": desc}))
+      rows.append(
+        Row(
+          name,
+          TensorKind.GGUF_TENSOR,
+          Status.FAIL,
+          f"missing from the candidate (golden: {desc})",
+          "same type, shape, bytes",
+          {"golden": desc},
+        )
+      )
       continue
     if ce.type_id != te.type_id or ce.ne != te.ne:
-      rows.append(Row(name, TensorKind.GGUF_TENSOR, Status.FAIL,
-                      f"golden {desc}, candidate {ce.type_name} {list(ce.ne)}", "same type, shape, bytes",
-                      {"golden": desc, "candidate": f"{ce.type_name} {list(ce.ne)}"}))
+      rows.append(
+        Row(
+          name,
+          TensorKind.GGUF_TENSOR,
+          Status.FAIL,
+          f"golden {desc}, candidate {ce.type_name} {list(ce.ne)}",
+          "same type, shape, bytes",
+          {"golden": desc, "candidate": f"{ce.type_name} {list(ce.ne)}"},
+        )
+      )
       continue
     elems, nbytes = _block_bytes(te.type_id)
     row_bytes = te.ne[0] // elems * nbytes
@@ -606,11 +786,21 @@ def compare_gguf(g, c, thr: Thresholds) -> tuple[list[Row], list[dict]]:
     if d.first is not None:
       where = f" (file offsets {te.offset + d.first.byte_offset} / {ce.offset + d.first.byte_offset})"
     row = bytes_row(name, ga, ca, nbytes, thr, TensorKind.GGUF_TENSOR, where)
-    rows.append(dataclasses.replace(row, summary=f"{desc}: {row.summary}", bound=row.bound + ", same type and shape"))
+    rows.append(
+      dataclasses.replace(row, summary=f"{desc}: {row.summary}", bound=row.bound + ", same type and shape")
+    )
   for name, ce in c.tensors.items():
     if name not in g.tensors:
-      rows.append(Row(name, TensorKind.GGUF_TENSOR, Status.FAIL,
-                      f"not in the golden (candidate: {ce.type_name} {list(ce.ne)})", "same tensors", {}))
+      rows.append(
+        Row(
+          name,
+          TensorKind.GGUF_TENSOR,
+          Status.FAIL,
+          f"not in the golden (candidate: {ce.type_name} {list(ce.ne)})",
+          "same tensors",
+          {},
+        )
+      )
   meta = []
   for key in list(g.kv) + [k for k in c.kv if k not in g.kv]:
     gv, cv = g.kv.get(key, "<missing>"), c.kv.get(key, "<missing>")
@@ -649,27 +839,49 @@ class Report:
     return 1 if self.failed else 0
 
   def to_json(self) -> dict:
-    return _jsonable({
-      "result": "FAIL" if self.failed else "PASS",
-      "exit_code": self.exit_code,
-      "golden": {"path": self.golden, "kind": self.golden_kind, **self.golden_info, "manifest": self.manifest},
-      "candidate": {"path": self.candidate, "format": self.candidate_format},
-      "profile": self.profile,
-      "thresholds": dataclasses.asdict(self.thresholds),
-      "overrides": self.overrides,
-      "rows": [{"name": r.name, "kind": r.kind.value, "status": r.status.value, "summary": r.summary,
-                "bound": r.bound, "note": r.note, "metrics": r.metrics} for r in self.rows],
-      "unknown_candidate_tensors": self.unknown,
-      "not_supplied": self.not_supplied,
-      "first_divergence": self.first_divergence,
-      "metadata_differences": self.metadata_differences,
-      "notes": self.notes,
-    })
+    return _jsonable(
+      {
+        "result": "FAIL" if self.failed else "PASS",
+        "exit_code": self.exit_code,
+        "golden": {
+          "path": self.golden,
+          "kind": self.golden_kind,
+          **self.golden_info,
+          "manifest": self.manifest,
+        },
+        "candidate": {"path": self.candidate, "format": self.candidate_format},
+        "profile": self.profile,
+        "thresholds": dataclasses.asdict(self.thresholds),
+        "overrides": self.overrides,
+        "rows": [
+          {
+            "name": r.name,
+            "kind": r.kind.value,
+            "status": r.status.value,
+            "summary": r.summary,
+            "bound": r.bound,
+            "note": r.note,
+            "metrics": r.metrics,
+          }
+          for r in self.rows
+        ],
+        "unknown_candidate_tensors": self.unknown,
+        "not_supplied": self.not_supplied,
+        "first_divergence": self.first_divergence,
+        "metadata_differences": self.metadata_differences,
+        "notes": self.notes,
+      }
+    )
 
   def to_markdown(self) -> str:
-    what = ", ".join(f"{k} {v}" for k, v in self.golden_info.items() if k not in ("block_elems", "block_bytes"))
-    verified = (f"sha256 verified against {self.manifest['path']}" if self.manifest
-                else "not listed in a manifest: not verified")
+    what = ", ".join(
+      f"{k} {v}" for k, v in self.golden_info.items() if k not in ("block_elems", "block_bytes")
+    )
+    verified = (
+      f"sha256 verified against {self.manifest['path']}"
+      if self.manifest
+      else "not listed in a manifest: not verified"
+    )
     thr = ", ".join(f"{k}={v:g}" for k, v in dataclasses.asdict(self.thresholds).items())
     lines = [
       f"golden:     {self.golden} ({self.golden_kind}{'; ' + what if what else ''}; {verified})",
@@ -695,13 +907,19 @@ class Report:
     fd = self.first_divergence
     if fd is not None:
       where = f"layer {fd['layer']}, " if fd["layer"] is not None else ""
-      why = (fd["metric"] if fd["tensor"].endswith("topk_ids")
-             else f"{fd['metric']} {_g(fd['value'])} > {_g(fd['bound'])}")
+      why = (
+        fd["metric"]
+        if fd["tensor"].endswith("topk_ids")
+        else f"{fd['metric']} {_g(fd['value'])} > {_g(fd['bound'])}"
+      )
       within = " (every tensor still within its bound)" if not self.failed else ""
       lines.append(f"first divergence{within}: {where}{fd['tensor']}, token {fd['token']} ({why})")
     n = len(self.rows)
-    verdict = (f"FAIL: {len(self.failed)} of {n} tensors out of bounds" if self.failed
-               else f"PASS: {n} tensors within bounds")
+    verdict = (
+      f"FAIL: {len(self.failed)} of {n} tensors out of bounds"
+      if self.failed
+      else f"PASS: {n} tensors within bounds"
+    )
     lines.append(f"result: {verdict}")
     return "\n".join(lines)
 
@@ -749,8 +967,9 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
 # ------------------------------------------------------------------------------------------------- diff
 
 
-def _judge_routing(golden: Golden, m: dumps.Matched, thr: Thresholds, notes: list[str],
-                   allow_recompute: bool = True) -> tuple[Mapping[str, np.ndarray], dict[int, routing.Flips], bool]:
+def _judge_routing(
+  golden: Golden, m: dumps.Matched, thr: Thresholds, notes: list[str], allow_recompute: bool = True
+) -> tuple[Mapping[str, np.ndarray], dict[int, routing.Flips], bool]:
   """Classify the candidate's expert sets layer by layer; where flips are explained, recompute the golden with
   the candidate's experts there (repeating, since a forced choice changes later layers' scores) so everything
   downstream is judged against what the golden model gives after the same choices.
@@ -765,11 +984,17 @@ def _judge_routing(golden: Golden, m: dumps.Matched, thr: Thresholds, notes: lis
   explained_gap: dict[int, np.ndarray] = {}  # layer -> [T] the golden gap at which each override was made
   can_recompute = allow_recompute and recompute.available(golden)
   recomputed = False
+
   def classify_all(stop_at_explained: bool) -> tuple[dict[int, routing.Flips], int | None]:
     flips = {}
     for i in layers:
-      f = routing.classify(gt[f"blk.{i}.topk_ids"], m.tensors[f"blk.{i}.topk_ids"],
-                           gt.get(f"blk.{i}.router_scores"), spec, thr.router_tie_gap)
+      f = routing.classify(
+        gt[f"blk.{i}.topk_ids"],
+        m.tensors[f"blk.{i}.topk_ids"],
+        gt.get(f"blk.{i}.router_scores"),
+        spec,
+        thr.router_tie_gap,
+      )
       flips[i] = f
       if stop_at_explained and f.explained.any():
         return flips, i
@@ -796,15 +1021,18 @@ def _judge_routing(golden: Golden, m: dumps.Matched, thr: Thresholds, notes: lis
     if i in forced:
       was = forced[i][:, 0] >= 0
       margins = np.where(was, explained_gap[i], f.margins)
-      out[i] = routing.Flips(differs=f.differs | was, margins=margins, explained=f.explained | was,
-                             decisive=f.decisive & ~was)
+      out[i] = routing.Flips(
+        differs=f.differs | was, margins=margins, explained=f.explained | was, decisive=f.decisive & ~was
+      )
     else:
       out[i] = f
   if spec is None:
     notes.append("the golden has no router config: every expert flip counts as decisive")
   elif any(f.explained.any() for f in out.values()) and not recomputed and allow_recompute:
-    notes.append("explained expert flips, but the golden cannot be recomputed here (no GGUF listed in its "
-                 "manifest): tensors downstream of them are judged against the unforced golden")
+    notes.append(
+      "explained expert flips, but the golden cannot be recomputed here (no GGUF listed in its "
+      "manifest): tensors downstream of them are judged against the unforced golden"
+    )
   return gt, out, recomputed
 
 
@@ -858,8 +1086,9 @@ def default_profile(golden_path: str | os.PathLike, candidate_path: str | os.Pat
 STAGE_TAG = " [stage]"
 
 
-def _judge_stages(golden: Golden, m: dumps.Matched, thr: Thresholds,
-                  notes: list[str]) -> tuple[list[Row], dict | None]:
+def _judge_stages(
+  golden: Golden, m: dumps.Matched, thr: Thresholds, notes: list[str]
+) -> tuple[list[Row], dict | None]:
   """Stage-wise rows (stagewise.py) and the first stage that leaves its bound, when the candidate supplied its
   per-layer residuals and the golden can be recomputed; else no rows and a note."""
   config = (golden.entry or {}).get("config") or {}
@@ -869,15 +1098,25 @@ def _judge_stages(golden: Golden, m: dumps.Matched, thr: Thresholds,
     return [], None
   missing = [k for k in stagewise.required(int(n)) if k not in m.tensors]
   if missing:
-    notes.append(f"stage-wise judging needs every layer's hidden_after_attn and hidden_after_mlp; missing "
-                 f"{_names(missing, 4)}")
+    notes.append(
+      f"stage-wise judging needs every layer's hidden_after_attn and hidden_after_mlp; missing "
+      f"{_names(missing, 4)}"
+    )
     return [], None
   cand = m.tensors
   spec = recompute.router_spec(golden)
   st, emb = stagewise.golden_stages(path, golden, cand, {})
   moe_layers = [i for i in range(n) if f"blk.{i}.topk_ids" in st and f"blk.{i}.topk_ids" in cand]
-  flips = {i: routing.classify(st[f"blk.{i}.topk_ids"], cand[f"blk.{i}.topk_ids"], st[f"blk.{i}.router_scores"],
-                               spec, thr.stage_router_tie_gap) for i in moe_layers}
+  flips = {
+    i: routing.classify(
+      st[f"blk.{i}.topk_ids"],
+      cand[f"blk.{i}.topk_ids"],
+      st[f"blk.{i}.router_scores"],
+      spec,
+      thr.stage_router_tie_gap,
+    )
+    for i in moe_layers
+  }
   forced = {}
   for i, f in flips.items():
     if f.explained.any():
@@ -889,7 +1128,9 @@ def _judge_stages(golden: Golden, m: dumps.Matched, thr: Thresholds,
     st, _ = stagewise.golden_stages(path, golden, cand, forced)
   tokens, _ = _next_tokens(golden)
   rows: list[Row] = []
-  walk: list[tuple[str, int | None, np.ndarray, float, str]] = []  # (row name, layer, per token, bound, metric)
+  walk: list[
+    tuple[str, int | None, np.ndarray, float, str]
+  ] = []  # (row name, layer, per token, bound, metric)
 
   emulated = golden.info.get("emulation", "none") == "llama-cpu"
 
@@ -898,66 +1139,123 @@ def _judge_stages(golden: Golden, m: dumps.Matched, thr: Thresholds,
     quantized = emulated and stagewise.quantizes_activations(path, layer, *weights)
     bound = thr.stage_nmse if quantized else thr.stage_nmse_unquantized
     extra = f" ({what}{'' if quantized else '; no activation quantized in this block'})"
-    row = floats_row(name + STAGE_TAG, g, c, bound, TensorKind.STAGE, extra=extra,
-                     extra_metrics={"activations_quantized": quantized})
+    row = floats_row(
+      name + STAGE_TAG,
+      g,
+      c,
+      bound,
+      TensorKind.STAGE,
+      extra=extra,
+      extra_metrics={"activations_quantized": quantized},
+    )
     rows.append(row)
-    walk.append((name + STAGE_TAG, layer, metrics.nmse_rows(g.reshape(g.shape[0], -1), c.reshape(c.shape[0], -1)),
-                 bound, "per-token NMSE"))
+    walk.append(
+      (
+        name + STAGE_TAG,
+        layer,
+        metrics.nmse_rows(g.reshape(g.shape[0], -1), c.reshape(c.shape[0], -1)),
+        bound,
+        "per-token NMSE",
+      )
+    )
 
   for i in range(n):
     h_in = emb if i == 0 else cand[f"blk.{i - 1}.hidden_after_mlp"]
     src = "the token embedding" if i == 0 else f"the candidate's blk.{i - 1}.hidden_after_mlp"
     if f"blk.{i}.attn_latent" in cand:
-      stage_row(f"blk.{i}.attn_latent", i, st[f"blk.{i}.attn_latent"], cand[f"blk.{i}.attn_latent"],
-                f"from {src}", "attn", "wkv_a")
+      stage_row(
+        f"blk.{i}.attn_latent",
+        i,
+        st[f"blk.{i}.attn_latent"],
+        cand[f"blk.{i}.attn_latent"],
+        f"from {src}",
+        "attn",
+        "wkv_a",
+      )
     h_attn = cand[f"blk.{i}.hidden_after_attn"]
-    stage_row(f"blk.{i}.attention", i, st[f"blk.{i}.hidden_after_attn"] - h_in, h_attn - h_in,
-              f"the attention block's output, from {src}", "attn")
+    stage_row(
+      f"blk.{i}.attention",
+      i,
+      st[f"blk.{i}.hidden_after_attn"] - h_in,
+      h_attn - h_in,
+      f"the attention block's output, from {src}",
+      "attn",
+    )
     ffn_src = f"from the candidate's blk.{i}.hidden_after_attn"
     if i in moe_layers:
       if f"blk.{i}.router_scores" in cand:
-        stage_row(f"blk.{i}.router_scores", i, st[f"blk.{i}.router_scores"], cand[f"blk.{i}.router_scores"],
-                  ffn_src, "mlp", "router")
+        stage_row(
+          f"blk.{i}.router_scores",
+          i,
+          st[f"blk.{i}.router_scores"],
+          cand[f"blk.{i}.router_scores"],
+          ffn_src,
+          "mlp",
+          "router",
+        )
       name = f"blk.{i}.topk_ids"
       ids_thr = dataclasses.replace(thr, router_tie_gap=thr.stage_router_tie_gap)
-      rows.append(dataclasses.replace(router_ids_row(name, flips[i], st_ids[i], cand[name], ids_thr, bool(forced)),
-                                      name=name + STAGE_TAG))
+      rows.append(
+        dataclasses.replace(
+          router_ids_row(name, flips[i], st_ids[i], cand[name], ids_thr, bool(forced)), name=name + STAGE_TAG
+        )
+      )
       walk.append((name + STAGE_TAG, i, flips[i].decisive.astype(np.float64), 0.0, "decisive expert flip"))
       if f"blk.{i}.topk_weights" in cand:
-        w = router_weights_row(f"blk.{i}.topk_weights", st[f"blk.{i}.topk_weights"], cand[f"blk.{i}.topk_weights"],
-                               st[name], cand[name], dataclasses.replace(thr, router_weights_nmse=thr.stage_nmse))
+        w = router_weights_row(
+          f"blk.{i}.topk_weights",
+          st[f"blk.{i}.topk_weights"],
+          cand[f"blk.{i}.topk_weights"],
+          st[name],
+          cand[name],
+          dataclasses.replace(thr, router_weights_nmse=thr.stage_nmse),
+        )
         rows.append(dataclasses.replace(w, name=w.name + STAGE_TAG))
-    stage_row(f"blk.{i}.feed-forward", i, st[f"blk.{i}.hidden_after_mlp"] - h_attn,
-              cand[f"blk.{i}.hidden_after_mlp"] - h_attn, f"the MLP/MoE block's output, {ffn_src}", "mlp")
+    stage_row(
+      f"blk.{i}.feed-forward",
+      i,
+      st[f"blk.{i}.hidden_after_mlp"] - h_attn,
+      cand[f"blk.{i}.hidden_after_mlp"] - h_attn,
+      f"the MLP/MoE block's output, {ffn_src}",
+      "mlp",
+    )
   if "logits" in cand:
     nxt = tokens[1:] if tokens is not None and tokens.size == st["logits"].shape[0] else None
     head_thr = dataclasses.replace(thr, logits_mean_kld=thr.stage_logits_kld)
     row = logits_row("logits", st["logits"], cand["logits"], nxt, head_thr)
-    rows.append(dataclasses.replace(row, name="head" + STAGE_TAG,
-                                    summary=row.summary + f" (from the candidate's blk.{n - 1}.hidden_after_mlp)"))
+    rows.append(
+      dataclasses.replace(
+        row,
+        name="head" + STAGE_TAG,
+        summary=row.summary + f" (from the candidate's blk.{n - 1}.hidden_after_mlp)",
+      )
+    )
     if np.isfinite(cand["logits"]).all():
-      walk.append(("head" + STAGE_TAG, None, logit_stats.per_position_kld(st["logits"], cand["logits"]),
-                   thr.stage_logits_kld, "per-token KLD"))
+      walk.append(
+        (
+          "head" + STAGE_TAG,
+          None,
+          logit_stats.per_position_kld(st["logits"], cand["logits"]),
+          thr.stage_logits_kld,
+          "per-token KLD",
+        )
+      )
   # The first stage, in the order values are computed, that is out of bounds as a whole (a single token of a
   # passing stage may exceed the bound by noise); within it the first token beyond the bound (else its worst).
   failed = {r.name for r in rows if r.status is Status.FAIL}
-  first = None
-  for name, layer, per, bound, metric in walk:
-    if name not in failed:
-      continue
-    out = np.flatnonzero(~(per <= bound))
-    if not out.size:
-      out = np.array([int(np.argmax(np.where(np.isnan(per), np.inf, per)))])
-    if out.size:
-      t = int(out[0])
-      first = {"layer": layer, "tensor": name, "token": t, "metric": metric, "value": float(per[t]), "bound": bound}
-      break
+  first = next((_first_beyond(layer, name, per, bound, metric, or_worst=True)
+                for name, layer, per, bound, metric in walk if name in failed), None)  # fmt: skip
   return rows, first
 
 
-def diff(golden_path: str | os.PathLike, candidate_path: str | os.PathLike, *,
-         thresholds: Thresholds | None = None, profile: str | None = None,
-         overrides: Mapping | None = None) -> Report:
+def diff(
+  golden_path: str | os.PathLike,
+  candidate_path: str | os.PathLike,
+  *,
+  thresholds: Thresholds | None = None,
+  profile: str | None = None,
+  overrides: Mapping | None = None,
+) -> Report:
   """Compare a candidate with a golden file; raises BadInput when they cannot be compared. profile: None
   picks the golden's own (PROFILE_FOR_EMULATION)."""
   golden = open_golden(golden_path)
@@ -966,9 +1264,17 @@ def diff(golden_path: str | os.PathLike, candidate_path: str | os.PathLike, *,
   if profile is None:
     profile = profile_for(golden.info.get("emulation"), settings)
   thr = thresholds if thresholds is not None else PROFILES[profile]
-  common = dict(golden=golden.dump.path, golden_kind=golden.kind.value, golden_info=golden.info,
-                manifest=golden.manifest, candidate=cand.path, candidate_format=cand.format, profile=profile,
-                thresholds=thr, overrides=dict(overrides or {}))
+  common = dict(
+    golden=golden.dump.path,
+    golden_kind=golden.kind.value,
+    golden_info=golden.info,
+    manifest=golden.manifest,
+    candidate=cand.path,
+    candidate_format=cand.format,
+    profile=profile,
+    thresholds=thr,
+    overrides=dict(overrides or {}),
+  )
   if golden.kind is GoldenKind.MODEL_GGUF:
     rows, meta = compare_gguf(golden.dump.gguf, cand.gguf, thr)
     return Report(**common, rows=tuple(rows), metadata_differences=tuple(meta))
@@ -981,7 +1287,9 @@ def diff(golden_path: str | os.PathLike, candidate_path: str | os.PathLike, *,
     _check_settings(golden, settings, cand.path)
     expected = profile_for(golden.info.get("emulation"), settings)
     if expected != profile:
-      notes.append(f"the golden and the engine's settings call for profile {expected!r}; judged under {profile!r}")
+      notes.append(
+        f"the golden and the engine's settings call for profile {expected!r}; judged under {profile!r}"
+      )
     # With every layer's residuals the verdict is stage-wise and the end-to-end rows are only reported, so the
     # golden is not recomputed for end-to-end expert flips.
     staged = stagewise.possible(golden, matched.tensors)
@@ -993,21 +1301,41 @@ def diff(golden_path: str | os.PathLike, candidate_path: str | os.PathLike, *,
       # Every stage was judged on the candidate's own inputs; end to end, the prefill tensors then differ only
       # by how rounding differences compound (Q8 code flips, near-tie experts), which says nothing about the
       # engine. They are reported, not judged. decode_logits has no stage-wise counterpart and stays judged.
-      rows = [r if r.name == "decode_logits" or r.status is Status.INFO else
-              dataclasses.replace(r, status=Status.INFO, bound="reported (stage-wise judged)") for r in rows]
-      notes.append("judged stage by stage on the candidate's own inputs (rows marked [stage]); end-to-end prefill "
-                   "rows are reported only")
+      rows = [
+        r
+        if r.name == "decode_logits" or r.status is Status.INFO
+        else dataclasses.replace(r, status=Status.INFO, bound="reported (stage-wise judged)")
+        for r in rows
+      ]
+      notes.append(
+        "judged stage by stage on the candidate's own inputs (rows marked [stage]); end-to-end prefill "
+        "rows are reported only"
+      )
     rows += stage_rows
     # The stage that departs is where the error is made; end to end, it is only where it became visible.
     fd = stage_fd if stage_rows else first_divergence(gt, matched, thr, flips)
     decode_failed = any(r.name == "decode_logits" and r.status is Status.FAIL for r in rows)
     if stage_rows and fd is None and decode_failed:
-      per = logit_stats.per_position_kld(np.asarray(gt["decode_logits"]), matched.tensors["decode_logits"]) \
-        if np.isfinite(matched.tensors["decode_logits"]).all() else np.full(len(gt["decode_logits"]), np.inf)
+      per = (
+        logit_stats.per_position_kld(np.asarray(gt["decode_logits"]), matched.tensors["decode_logits"])
+        if np.isfinite(matched.tensors["decode_logits"]).all()
+        else np.full(len(gt["decode_logits"]), np.inf)
+      )
       out = np.flatnonzero(~(per <= thr.logits_mean_kld))
       if out.size:
-        fd = {"layer": None, "tensor": "decode_logits", "token": int(out[0]), "metric": "per-token KLD",
-              "value": float(per[out[0]]), "bound": thr.logits_mean_kld}
-  return Report(**common, rows=tuple(rows), unknown=matched.unknown,
-                not_supplied=tuple(sorted(matched.not_supplied, key=_row_order)),
-                notes=tuple(notes), first_divergence=fd)
+        fd = {
+          "layer": None,
+          "tensor": "decode_logits",
+          "token": int(out[0]),
+          "metric": "per-token KLD",
+          "value": float(per[out[0]]),
+          "bound": thr.logits_mean_kld,
+        }
+  return Report(
+    **common,
+    rows=tuple(rows),
+    unknown=matched.unknown,
+    not_supplied=tuple(sorted(matched.not_supplied, key=_row_order)),
+    notes=tuple(notes),
+    first_divergence=fd,
+  )

@@ -150,7 +150,11 @@ def load(
   if fmt == "npz":
     arrays = _load_npz(path)
     # `meta.NAME` string arrays carry the engine's settings (reference/llama_cpp_run.py writes meta.llama_cpp).
-    meta = {n.removeprefix("meta."): str(a) for n, a in arrays.items() if n.startswith("meta.") and a.dtype.kind == "U"}
+    meta = {
+      n.removeprefix("meta."): str(a)
+      for n, a in arrays.items()
+      if n.startswith("meta.") and a.dtype.kind == "U"
+    }
     tensors = {n: a for n, a in arrays.items() if not (n.startswith("meta.") and a.dtype.kind == "U")}
     return Dump(path=path, format=fmt, tensors=tensors, metadata=meta)
   if fmt == "safetensors":
@@ -332,7 +336,9 @@ def _kernel_qtype(path: str, entry: Mapping | None, meta: Mapping):
       return qtype_of(m.group(1)), m.group(2)
     except (KeyError, ValueError):
       pass
-  raise BadInput(f"{path}: cannot tell the ggml type of this kernel golden (no manifest entry, no TYPE-mode name)")
+  raise BadInput(
+    f"{path}: cannot tell the ggml type of this kernel golden (no manifest entry, no TYPE-mode name)"
+  )
 
 
 def open_golden(path: str | os.PathLike) -> Golden:
@@ -364,7 +370,9 @@ def open_golden(path: str | os.PathLike) -> Golden:
     elif "logits" in dump.tensors:
       kind = GoldenKind.MODEL_OUTPUTS
     else:
-      raise BadInput(f"{path}: not a golden file diff knows (tensors {sorted(dump.tensors)}, no manifest entry)")
+      raise BadInput(
+        f"{path}: not a golden file diff knows (tensors {sorted(dump.tensors)}, no manifest entry)"
+      )
   kind = GoldenKind(kind)
   if (kind is GoldenKind.MODEL_GGUF) != (dump.format == "gguf"):
     raise BadInput(f"{path}: the manifest says {kind}, but the file is {dump.format}")
@@ -372,14 +380,21 @@ def open_golden(path: str | os.PathLike) -> Golden:
   info: dict = {}
   if kind is GoldenKind.KERNEL:
     q, mode = _kernel_qtype(path, entry, dump.metadata)
-    info = {"ggml_type": q.name, "ggml_type_id": q.id, "mode": mode, "block_elems": q.block_elems,
-            "block_bytes": q.block_bytes}
+    info = {
+      "ggml_type": q.name,
+      "ggml_type_id": q.id,
+      "mode": mode,
+      "block_elems": q.block_elems,
+      "block_bytes": q.block_bytes,
+    }
     for name in ("quantized", "dequantized"):
       if name not in dump.tensors:
         raise BadInput(f"{path}: kernel golden without a {name!r} tensor")
     qd, dq = dump.tensors["quantized"], dump.tensors["dequantized"]
     if dq.ndim != 2 or qd.shape != (dq.shape[0], dq.shape[1] // q.block_elems * q.block_bytes):
-      raise BadInput(f"{path}: quantized {list(qd.shape)} does not hold {q.name} rows of dequantized {list(dq.shape)}")
+      raise BadInput(
+        f"{path}: quantized {list(qd.shape)} does not hold {q.name} rows of dequantized {list(dq.shape)}"
+      )
   elif kind is GoldenKind.MODEL_OUTPUTS:
     if "logits" not in dump.tensors:
       raise BadInput(f"{path}: model-outputs golden without a 'logits' tensor")
@@ -397,7 +412,9 @@ def open_candidate(path: str | os.PathLike, golden: Golden) -> Dump:
   fmt = sniff(path)
   if golden.kind is GoldenKind.MODEL_GGUF:
     if fmt != "gguf":
-      raise BadInput(f"{path}: the golden {golden.dump.path} is a GGUF file, so the candidate must be one ({fmt})")
+      raise BadInput(
+        f"{path}: the golden {golden.dump.path} is a GGUF file, so the candidate must be one ({fmt})"
+      )
     return load(path)
   if fmt == "gguf":
     raise BadInput(

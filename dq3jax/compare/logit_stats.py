@@ -151,7 +151,9 @@ def logit_stats(base: np.ndarray, q: np.ndarray, next_tokens: np.ndarray | None 
     if tok.size != n:
       raise ValueError(f"{tok.size} next tokens for {n} positions")
     if tok.min() < 0 or tok.max() >= v:
-      raise ValueError(f"next token id {int(tok.max() if tok.max() >= v else tok.min())} outside vocabulary [0, {v})")
+      raise ValueError(
+        f"next token id {int(tok.max() if tok.max() >= v else tok.min())} outside vocabulary [0, {v})"
+      )
     rows = np.arange(n)
     nll_b, nll_q = -lb[rows, tok], -lq[rows, tok]
     dp = np.exp(-nll_q) - np.exp(-nll_b)
@@ -205,8 +207,11 @@ def format_llama_perplexity(s: LogitStats) -> str:
     label = {"max": "Maximum", "median": "Median ", "min": "Minimum"}.get(k, f"{k}%".rjust(5) + "  ")
     lines.append(f"{label} KLD: {val:10.6f}")
   if s.dp is not None:
-    lines += ["", "====== Token probability statistics ======",
-              f"Mean    Δp: {100 * s.dp_mean:6.3f} ± {100 * s.dp_unc:5.3f} %"]
+    lines += [
+      "",
+      "====== Token probability statistics ======",
+      f"Mean    Δp: {100 * s.dp_mean:6.3f} ± {100 * s.dp_unc:5.3f} %",
+    ]
     for k, val in s.dp.items():
       label = {"max": "Maximum", "median": "Median ", "min": "Minimum"}.get(k, f"{k}%".rjust(5) + "  ")
       lines.append(f"{label} Δp: {100 * val:6.3f}%")

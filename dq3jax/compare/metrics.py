@@ -71,7 +71,9 @@ def byte_diff(a: np.ndarray, b: np.ndarray, block_bytes: int) -> ByteDiff:
     raise ValueError(f"byte_diff: shapes differ: {a.shape} vs {b.shape}")
   row_bytes = a.shape[-1] if a.ndim else 1
   if row_bytes % block_bytes:
-    raise ValueError(f"byte_diff: row of {row_bytes} bytes is not a whole number of {block_bytes}-byte blocks")
+    raise ValueError(
+      f"byte_diff: row of {row_bytes} bytes is not a whole number of {block_bytes}-byte blocks"
+    )
   blocks_per_row = row_bytes // block_bytes
   ne = a != b
   n_bytes = int(np.count_nonzero(ne))

@@ -38,8 +38,11 @@ class RouterSpec:
 
   @classmethod
   def from_hf_config(cls, config: Mapping) -> RouterSpec:
-    return cls(top_k=int(config["num_experts_per_tok"]), n_group=int(config.get("n_group") or 1),
-               topk_group=int(config.get("topk_group") or 1))
+    return cls(
+      top_k=int(config["num_experts_per_tok"]),
+      n_group=int(config.get("n_group") or 1),
+      topk_group=int(config.get("topk_group") or 1),
+    )
 
 
 def _gap(sorted_desc: np.ndarray, k: int) -> np.ndarray:
@@ -54,7 +57,9 @@ class _Decisions:
   expert_gap: np.ndarray  # [T] K-th minus (K+1)-th eligible score
   group_gap: np.ndarray  # [T] topk_group-th minus next group score (inf without group-limited routing)
   expert_dist: np.ndarray  # [T, E] |score - the K/K+1 boundary| for eligible experts, inf for the others
-  group_slack: np.ndarray  # [T, E] how far below the topk_group-th group score the expert's group is (<= 0: selected)
+  group_slack: (
+    np.ndarray
+  )  # [T, E] how far below the topk_group-th group score the expert's group is (<= 0: selected)
 
 
 def _analyse(scores: np.ndarray, spec: RouterSpec) -> _Decisions:
@@ -110,8 +115,9 @@ def set_differs(g_ids: np.ndarray, c_ids: np.ndarray) -> np.ndarray:
   return np.any(np.sort(np.asarray(g_ids), -1) != np.sort(np.asarray(c_ids), -1), axis=-1)
 
 
-def classify(g_ids: np.ndarray, c_ids: np.ndarray, scores: np.ndarray | None, spec: RouterSpec | None,
-             tie_gap: float) -> Flips:
+def classify(
+  g_ids: np.ndarray, c_ids: np.ndarray, scores: np.ndarray | None, spec: RouterSpec | None, tie_gap: float
+) -> Flips:
   """Judge each token's expert set against the golden's. A differing set is explained only if the golden's
   smallest gap there is within tie_gap *and* the candidate's set is one a near-tie can produce: where the
   group decision is near-tied, every chosen expert lies in a group within tie_gap of selection (any of those

@@ -54,8 +54,12 @@ def possible(golden: Golden, cand: Mapping[str, np.ndarray]) -> bool:
   """Whether the candidate supplied what stage-wise judging needs and the golden names its GGUF and config."""
   config = (golden.entry or {}).get("config") or {}
   n = config.get("num_hidden_layers")
-  return bool(n) and bool((golden.entry or {}).get("gguf")) and "tokens" in golden.dump.tensors and all(
-    k in cand for k in required(int(n)))
+  return (
+    bool(n)
+    and bool((golden.entry or {}).get("gguf"))
+    and "tokens" in golden.dump.tensors
+    and all(k in cand for k in required(int(n)))
+  )
 
 
 def quantizes_activations(gguf_path: pathlib.Path, layer: int, *weights: str) -> bool:
@@ -78,8 +82,9 @@ def stage_inputs(cand: Mapping[str, np.ndarray], n_layers: int) -> tuple[list, l
   return layer_inputs, attn_outputs, cand[f"blk.{n_layers - 1}.hidden_after_mlp"]
 
 
-def golden_stages(gguf_path: pathlib.Path, golden: Golden, cand: Mapping[str, np.ndarray],
-                  forced: Mapping[int, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def golden_stages(
+  gguf_path: pathlib.Path, golden: Golden, cand: Mapping[str, np.ndarray], forced: Mapping[int, np.ndarray]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """The golden's per-stage values on the candidate's inputs: {blk.i.<tensor>: [T, ...] float32} and the
   embedding [T, d] (layer 0's input). forced: {layer: [T, K]} experts to force (-1: the model's own)."""
   from dq3jax.golden_models import _override  # noqa: PLC0415

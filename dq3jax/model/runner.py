@@ -192,8 +192,9 @@ def evaluate(
   as the pass (its token first, then the following tokens or padding, which causal attention keeps from it,
   discarded), over a cache of 2T rows: one compilation per configuration instead of two.
   """
-  dtype, form, kv_cache, tokens, ov = _checked(cfg, tokens, dtype, form, act_quant, kv_cache, route_override,
-                                                AttnForm.EXPANDED)
+  dtype, form, kv_cache, tokens, ov = _checked(
+    cfg, tokens, dtype, form, act_quant, kv_cache, route_override, AttnForm.EXPANDED
+  )
   b, t = tokens.shape
   size = t if decode_from is None else 2 * t
 
@@ -324,8 +325,9 @@ def incremental_logits(
   """Logits [B, T, V] computed as one prefill of the first `prefill` tokens, then one token at a time
   through the latent KV cache. Equals `logits(...)` up to rounding. form: ABSORBED unless given or implied
   by act_quant (module doc); kv_cache and route_override as for `logits`."""
-  dtype, form, kv_cache, tokens, ov = _checked(cfg, tokens, dtype, form, act_quant, kv_cache, route_override,
-                                                AttnForm.ABSORBED)
+  dtype, form, kv_cache, tokens, ov = _checked(
+    cfg, tokens, dtype, form, act_quant, kv_cache, route_override, AttnForm.ABSORBED
+  )
   b, t = tokens.shape
   with scope(dtype):
     p = cast_params(params, dtype)
@@ -379,8 +381,9 @@ def stagewise(
   Returns (per layer the records of both blocks, as `evaluate`'s intermediates, and the logits or None).
   layer_inputs[0] may be None (the embedding is used). route_override as for `evaluate`.
   """
-  dtype, form, kv_cache, tokens, ov = _checked(cfg, tokens, dtype, form, act_quant, kv_cache, route_override,
-                                                AttnForm.EXPANDED)
+  dtype, form, kv_cache, tokens, ov = _checked(
+    cfg, tokens, dtype, form, act_quant, kv_cache, route_override, AttnForm.EXPANDED
+  )
   b, t = tokens.shape
   with scope(dtype):
     p = cast_params(params, dtype)

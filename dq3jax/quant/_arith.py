@@ -169,7 +169,7 @@ class ExactArith:
     # RNE to a multiple of 2**-149. XLA's simplifier rewrites (v + K) - K to v, so the sum is
     # hidden behind an integer XOR with the runtime zero before K is taken off again.
     t = lax.bitcast_convert_type(
-        lax.bitcast_convert_type(v + _TINY_QUANTUM_ADD, jnp.int64) | self.z.astype(jnp.int64), jnp.float64
+      lax.bitcast_convert_type(v + _TINY_QUANTUM_ADD, jnp.int64) | self.z.astype(jnp.int64), jnp.float64
     )
     sw = jnp.copysign(t - _TINY_QUANTUM_ADD, v)
     return jnp.where(jnp.abs(v) < np.float64(F32_MIN_NORMAL), sw, hw)

@@ -70,8 +70,12 @@ def make_qx_quants(A: Arith, x, nmax: int, qw=None):
     l, sumlx, suml2 = trial(B, B.div(jnp.asarray(factors, B.dtype)[k], mx))
     take = (suml2 > 0) & (B.mul(sumlx, sumlx) > B.mul(best, suml2))
     new_scale = B.div(sumlx, suml2)
-    return (jnp.where(take[:, None, :], l + nmax, codes), jnp.where(take, new_scale, scale),
-            jnp.where(take, B.mul(new_scale, sumlx), best), B.flag)
+    return (
+      jnp.where(take[:, None, :], l + nmax, codes),
+      jnp.where(take, new_scale, scale),
+      jnp.where(take, B.mul(new_scale, sumlx), best),
+      B.flag,
+    )
 
   codes, scale, best, A.flag = lax.fori_loop(0, len(factors), step, (codes, scale, best, A.flag))
   scale = jnp.where(is_zero, A.c(0), scale)
@@ -110,9 +114,7 @@ def _descent(A: Arith, x, w, codes, sumlx, suml2, *, lo, hi, wrap, need_sl2_posi
       suml2 = jnp.where(take, sl22, suml2)
     return jnp.stack(cols, axis=1), sumlx, suml2, B.flag
 
-  codes, sumlx, suml2, A.flag = lax.fori_loop(
-      0, N_DESCENT_PASSES, one_pass, (codes, sumlx, suml2, A.flag)
-  )
+  codes, sumlx, suml2, A.flag = lax.fori_loop(0, N_DESCENT_PASSES, one_pass, (codes, sumlx, suml2, A.flag))
   return codes, sumlx, suml2
 
 
@@ -127,7 +129,7 @@ def make_q3_quants(A: Arith, x, nmax: int = 4):
   sumlx = seqsum(A, A.mul(A.mul(w, x), lf), axis=1)
   suml2 = seqsum(A, A.mul(A.mul(w, lf), lf), axis=1)
   l, sumlx, suml2 = _descent(
-      A, x, w, l, sumlx, suml2, lo=-nmax, hi=nmax - 1, wrap=lambda v: v, need_sl2_positive=False
+    A, x, w, l, sumlx, suml2, lo=-nmax, hi=nmax - 1, wrap=lambda v: v, need_sl2_positive=False
   )
   scale = jnp.where(suml2 > 0, A.div(sumlx, suml2), A.c(0))
   scale = jnp.where(is_zero, A.c(0), scale)
@@ -135,8 +137,9 @@ def make_q3_quants(A: Arith, x, nmax: int = 4):
   return scale, codes
 
 
-def make_qkx_quants(A: Arith, x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
-                    degenerate_le: bool):
+def make_qkx_quants(
+  A: Arith, x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool, degenerate_le: bool
+):
   """Asymmetric codes 0..nmax with a min (ggml make_qkx2_quants / make_qkx3_quants with weights).
 
   `degenerate_le` selects make_qkx3's `max <= min` test over make_qkx2's `max == min`.
@@ -192,8 +195,13 @@ def make_qkx_quants(A: Arith, x, w, nmax: int, rmin: float, rdelta: float, nstep
     cur = weighted_error(B, t_scale, t_min, ls)
     take = (det > 0) & (cur < best)
     codes = jnp.where(take[:, None, :], jnp.stack(ls, axis=1), codes)
-    return (codes, jnp.where(take, t_scale, scale), jnp.where(take, t_min, mn),
-            jnp.where(take, cur, best), B.flag)
+    return (
+      codes,
+      jnp.where(take, t_scale, scale),
+      jnp.where(take, t_min, mn),
+      jnp.where(take, cur, best),
+      B.flag,
+    )
 
   if nstep >= 1:
     codes, scale, mn, best, A.flag = lax.fori_loop(0, nstep + 1, trial, (codes, scale, mn, best, A.flag))
@@ -228,7 +236,7 @@ def make_qp_quants(A: Arith, x, nmax: int, w):
   sumlx = seqsum(A, A.mul(A.mul(w, x), lf), axis=1)
   suml2 = seqsum(A, A.mul(A.mul(w, lf), lf), axis=1)
   codes, sumlx, suml2 = _descent(
-      A, x, w, wrap_u8(l), sumlx, suml2, lo=None, hi=nmax, wrap=wrap_u8, need_sl2_positive=True
+    A, x, w, wrap_u8(l), sumlx, suml2, lo=None, hi=nmax, wrap=wrap_u8, need_sl2_positive=True
   )
   scale = jnp.where(suml2 > 0, A.div(sumlx, suml2), A.c(0))
   scale = jnp.where(is_zero, A.c(0), scale)

@@ -149,10 +149,10 @@ def _quantize_blocks(q: QType, xb: np.ndarray, qwb: np.ndarray | None, s2b: np.n
     cq = qwb[:, s:e] if with_qw else None
     cs = s2b[s:e] if with_s2 else None
     res, flag = fast(
-        _pad_cols(cx, nbk),
-        _pad_cols(cq, nbk) if with_qw else np.zeros((1,), np.float32),
-        _pad_cols(cs, nbk) if with_s2 else np.zeros((1,), np.float32),
-        _ZERO,
+      _pad_cols(cx, nbk),
+      _pad_cols(cq, nbk) if with_qw else np.zeros((1,), np.float32),
+      _pad_cols(cs, nbk) if with_s2 else np.zeros((1,), np.float32),
+      _ZERO,
     )
     res = np.array(res[:, : e - s])
     if _kernels(q.id).family is not Family.FLOAT:
@@ -165,8 +165,12 @@ def _quantize_blocks(q: QType, xb: np.ndarray, qwb: np.ndarray | None, s2b: np.n
       idx = np.flatnonzero(redo)
       if idx.size:
         res[:, idx] = _run_exact(
-            q.id, with_qw, with_s2, cx[:, idx], cq[:, idx] if with_qw else None,
-            cs[idx] if with_s2 else None,
+          q.id,
+          with_qw,
+          with_s2,
+          cx[:, idx],
+          cq[:, idx] if with_qw else None,
+          cs[idx] if with_s2 else None,
         )
     out[s:e] = res.T
   return out
@@ -199,9 +203,9 @@ def _check_finite(x: np.ndarray, block_elems: int, what: str) -> None:
   if bad.any():
     r, c = np.argwhere(bad)[0]
     raise ValueError(
-        f"{what} has a non-finite value {float(x[r, c])!r} at row {r}, column {c} (block {c // block_elems} of "
-        f"that row); ggml would write garbage bytes for it, so dq3jax refuses "
-        f"({int(bad.sum())} non-finite values in all)"
+      f"{what} has a non-finite value {float(x[r, c])!r} at row {r}, column {c} (block {c // block_elems} of "
+      f"that row); ggml would write garbage bytes for it, so dq3jax refuses "
+      f"({int(bad.sum())} non-finite values in all)"
     )
 
 
@@ -226,7 +230,7 @@ def _check_imatrix(imatrix, n: int) -> np.ndarray:
   if bad.any():
     i = int(np.flatnonzero(bad)[0])
     raise ValueError(
-        f"imatrix must be finite and >= 0; column {i} is {float(qw[i])!r} ({int(bad.sum())} bad values in all)"
+      f"imatrix must be finite and >= 0; column {i} is {float(qw[i])!r} ({int(bad.sum())} bad values in all)"
     )
   return qw
 
@@ -256,8 +260,8 @@ def quantize(x, qtype, *, imatrix=None) -> np.ndarray:
   rows, n = rows_x.shape
   if n % q.block_elems:
     raise ValueError(
-        f"{q.name}: row width {n} is not a multiple of the block size {q.block_elems} "
-        f"({n % q.block_elems} elements left over)"
+      f"{q.name}: row width {n} is not a multiple of the block size {q.block_elems} "
+      f"({n % q.block_elems} elements left over)"
     )
   if imatrix is not None and not q.storable:
     # An activation type (Q8_K): ggml quantizes it with quantize_row_q8_K, which takes no weights.
@@ -292,16 +296,20 @@ def dequantize(data, qtype, shape) -> np.ndarray:
   if not shape or any(s < 0 for s in shape):
     raise ValueError(f"invalid shape {shape}")
   if shape[-1] % q.block_elems:
-    raise ValueError(f"{q.name}: last dimension {shape[-1]} is not a multiple of the block size {q.block_elems}")
-  raw = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
+    raise ValueError(
+      f"{q.name}: last dimension {shape[-1]} is not a multiple of the block size {q.block_elems}"
+    )
+  raw = (
+    np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
+  )
   if raw.dtype != np.uint8:
     raise TypeError(f"data must be uint8 bytes, got dtype {raw.dtype}")
   n_el = int(np.prod(shape))
   expected = n_el // q.block_elems * q.block_bytes
   if raw.size != expected:
     raise ValueError(
-        f"{q.name} data for shape {shape} must be {expected} bytes "
-        f"({n_el // q.block_elems} blocks of {q.block_bytes}), got {raw.size}"
+      f"{q.name} data for shape {shape} must be {expected} bytes "
+      f"({n_el // q.block_elems} blocks of {q.block_bytes}), got {raw.size}"
     )
   if k.on_host:
     return k.dequantizer()(raw).reshape(shape)

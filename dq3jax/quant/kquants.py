@@ -120,7 +120,7 @@ def q2_k(A: Arith, x, qw=None):
   xg = x.reshape(16, 16, nb)
   if qw is None:
     scale, the_min, codes = S.make_qkx_quants(
-        A, xg, jnp.abs(xg), 3, -0.5, 0.1, 15, use_mad=True, degenerate_le=False
+      A, xg, jnp.abs(xg), 3, -0.5, 0.1, 15, use_mad=True, degenerate_le=False
     )
     max_scale = positive_max(scale, axis=0)
     max_min = positive_max(the_min, axis=0)
@@ -136,7 +136,7 @@ def q2_k(A: Arith, x, qw=None):
     weight = _imatrix_weights(A, xg, qwg, _sigma2(A, x, twice=False))
     sw = seqsum(A, weight, axis=1)
     scale, the_min, codes = S.make_qkx_quants(
-        A, xg, weight, 3, -0.9, 0.05, 36, use_mad=False, degenerate_le=True
+      A, xg, weight, 3, -0.9, 0.05, 36, use_mad=False, degenerate_le=True
     )
     dm, Ls = S.make_qp_quants(A, scale[None], 15, sw[None])
     mm, Lm = S.make_qp_quants(A, the_min[None], 15, sw[None])
@@ -189,8 +189,9 @@ def _q45_k(A: Arith, x, qw, nmax):
     av_x = A.sqrt(A.div(seqsum(A, A.mul(xg, xg), axis=1), A.c(32)))
     w = A.add(av_x[:, None, :], jnp.abs(xg))
     rmin, rdelta, nstep = (-1.0, 0.1, 20) if nmax == 15 else (-0.5, 0.1, 15)
-    scale, the_min, codes = S.make_qkx_quants(A, xg, w, nmax, rmin, rdelta, nstep, use_mad=False,
-                                              degenerate_le=False)
+    scale, the_min, codes = S.make_qkx_quants(
+      A, xg, w, nmax, rmin, rdelta, nstep, use_mad=False, degenerate_le=False
+    )
     max_scale = positive_max(scale, axis=0)
     max_min = positive_max(the_min, axis=0)
     inv_s = jnp.where(max_scale > 0, A.div(A.c(63), max_scale), A.c(0))
@@ -203,8 +204,9 @@ def _q45_k(A: Arith, x, qw, nmax):
     qwg = qw.reshape(8, 32, nb)
     weight = _imatrix_weights(A, xg, qwg, _sigma2(A, x, twice=True))
     sw = seqsum(A, weight, axis=1)
-    scale, the_min, codes = S.make_qkx_quants(A, xg, weight, nmax, -0.9, 0.05, 36, use_mad=False,
-                                              degenerate_le=True)
+    scale, the_min, codes = S.make_qkx_quants(
+      A, xg, weight, nmax, -0.9, 0.05, 36, use_mad=False, degenerate_le=True
+    )
     d_block, ls = S.make_qp_quants(A, scale[None], 63, sw[None])
     m_block, lm = S.make_qp_quants(A, the_min[None], 63, sw[None])
     ls, lm = ls[0], lm[0]
@@ -247,11 +249,14 @@ def q6_k(A: Arith, x, qw=None):
   d_h, d_f = fp16_round(A, A.div(A.c(1), iscale))
   sc = wrap_i8(jnp.minimum(127, A.nearest_int(A.mul(iscale[None, :], scale))))
   codes = _requant_sym(A, xg, d_f, sc, codes, -32, 31).reshape(2, 4, 32, nb)  # [half, k, l]
-  ql = jnp.concatenate([(codes[:, 0] & 0xF) | ((codes[:, 2] & 0xF) << 4),
-                        (codes[:, 1] & 0xF) | ((codes[:, 3] & 0xF) << 4)], axis=1)  # [2, 64, nb]
+  ql = jnp.concatenate(
+    [(codes[:, 0] & 0xF) | ((codes[:, 2] & 0xF) << 4), (codes[:, 1] & 0xF) | ((codes[:, 3] & 0xF) << 4)],
+    axis=1,
+  )  # [2, 64, nb]
   qh = sum((codes[:, k] >> 4) << (2 * k) for k in range(4))  # [2, 32, nb]
-  out = jnp.concatenate([_u8(ql.reshape(128, nb)), _u8(qh.reshape(64, nb)), _u8(sc),
-                         jnp.stack(u16_le(d_h))], axis=0)
+  out = jnp.concatenate(
+    [_u8(ql.reshape(128, nb)), _u8(qh.reshape(64, nb)), _u8(sc), jnp.stack(u16_le(d_h))], axis=0
+  )
   return jnp.where(zero_block[None, :], jnp.uint8(0), out)
 
 

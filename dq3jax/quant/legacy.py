@@ -14,14 +14,14 @@ from jax import lax
 
 from dq3jax.quant import _search as S
 from dq3jax.quant._arith import (
-    Arith,
-    c_float_to_int32,
-    first_absmax,
-    fp16_round,
-    scan_min_max,
-    u16_le,
-    wrap_i8,
-    wrap_u8,
+  Arith,
+  c_float_to_int32,
+  first_absmax,
+  fp16_round,
+  scan_min_max,
+  u16_le,
+  wrap_i8,
+  wrap_u8,
 )
 
 FLT_MAX = np.float32(np.finfo(np.float32).max)
@@ -63,8 +63,9 @@ def _symmetric_ref(A: Arith, x, divisor, offset, cap):
 def _asymmetric_ref(A: Arith, x, levels, cap):
   """Q4_1/Q5_1 reference: d = (max-min)/levels; code = (x-min)*id + 0.5 truncated."""
   nb = x.shape[-1]
-  mn, mx = scan_min_max(x, axis=0, init_min=jnp.full((nb,), FLT_MAX, A.dtype),
-                        init_max=jnp.full((nb,), -FLT_MAX, A.dtype))
+  mn, mx = scan_min_max(
+    x, axis=0, init_min=jnp.full((nb,), FLT_MAX, A.dtype), init_max=jnp.full((nb,), -FLT_MAX, A.dtype)
+  )
   d = A.div(A.sub(mx, mn), A.c(levels))
   inv = jnp.where(d != 0, A.div(A.c(1), d), A.c(0))
   d_h, _ = fp16_round(A, d)
@@ -98,8 +99,9 @@ def q5_0(A: Arith, x, qw=None, sigma2=None):
 
 def _asym_imatrix(A: Arith, x, qw, sigma2, nmax):
   w = _imatrix_weight(A, x, qw, sigma2)
-  scale, the_min, L = S.make_qkx_quants(A, x[None], w[None], nmax, -0.9, 0.05, 36, use_mad=False,
-                                        degenerate_le=True)
+  scale, the_min, L = S.make_qkx_quants(
+    A, x[None], w[None], nmax, -0.9, 0.05, 36, use_mad=False, degenerate_le=True
+  )
   d_h, _ = fp16_round(A, scale[0])
   m_h, _ = fp16_round(A, -the_min[0])
   return d_h, m_h, L[0]
@@ -110,8 +112,9 @@ def q4_1(A: Arith, x, qw=None, sigma2=None):
     d_h, m_h, codes = _asymmetric_ref(A, x, 15, 15)
   else:
     d_h, m_h, codes = _asym_imatrix(A, x, qw, sigma2, 15)
-  return jnp.concatenate([jnp.stack(u16_le(d_h)), jnp.stack(u16_le(m_h)), _pack_nibbles(wrap_u8(codes))],
-                         axis=0)
+  return jnp.concatenate(
+    [jnp.stack(u16_le(d_h)), jnp.stack(u16_le(m_h)), _pack_nibbles(wrap_u8(codes))], axis=0
+  )
 
 
 def q5_1(A: Arith, x, qw=None, sigma2=None):

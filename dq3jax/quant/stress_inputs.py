@@ -77,27 +77,27 @@ def _negative_zero(rng, rows, n):
 
 
 KINDS = {
-    "gaussian": _gaussian,
-    "heavy_tail_outliers": _heavy_tail_outliers,
-    "row_scales": _row_scales,
-    "special_blocks": _special_blocks,
-    "tiny": _tiny,
-    "fp16_limit": _fp16_limit,
-    "ties": _ties,
-    "negative_zero": _negative_zero,
+  "gaussian": _gaussian,
+  "heavy_tail_outliers": _heavy_tail_outliers,
+  "row_scales": _row_scales,
+  "special_blocks": _special_blocks,
+  "tiny": _tiny,
+  "fp16_limit": _fp16_limit,
+  "ties": _ties,
+  "negative_zero": _negative_zero,
 }
 
 # Share of the blocks each kind gets. Kinds whose blocks underflow in float32 run on the slower
 # exact path; they are kept to a few percent so the default suite stays within its time budget.
 SHARES = {
-    "gaussian": 0.25,
-    "heavy_tail_outliers": 0.20,
-    "row_scales": 0.12,
-    "special_blocks": 0.15,
-    "tiny": 0.03,
-    "fp16_limit": 0.08,
-    "ties": 0.09,
-    "negative_zero": 0.08,
+  "gaussian": 0.25,
+  "heavy_tail_outliers": 0.20,
+  "row_scales": 0.12,
+  "special_blocks": 0.15,
+  "tiny": 0.03,
+  "fp16_limit": 0.08,
+  "ties": 0.09,
+  "negative_zero": 0.08,
 }
 
 

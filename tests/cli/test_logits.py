@@ -114,7 +114,8 @@ def test_path_that_is_neither_gguf_nor_checkpoint_dir(checkpoint, tmp_path, kind
   found = {
     "text": (b"hello, world\n", "a 13-byte file starting with b'hello, w' (no b'GGUF' magic)"),
     "other-magic": (
-      b"GGML" + bytes(12), "a 16-byte file starting with b'GGML\\x00\\x00\\x00\\x00' (no b'GGUF' magic)"
+      b"GGML" + bytes(12),
+      "a 16-byte file starting with b'GGML\\x00\\x00\\x00\\x00' (no b'GGUF' magic)",
     ),
     "empty": (b"", "an empty file"),
   }

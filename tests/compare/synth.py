@@ -18,7 +18,9 @@ def outputs_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     "tokens": rng.integers(0, V, T).astype(np.int32),
     "logits": (3 * rng.standard_normal((T, V))).astype(np.float32),
   }
-  out["decode_logits"] = (out["logits"][PREFILL:] + 1e-6 * rng.standard_normal((T - PREFILL, V))).astype(np.float32)
+  out["decode_logits"] = (out["logits"][PREFILL:] + 1e-6 * rng.standard_normal((T - PREFILL, V))).astype(
+    np.float32
+  )
   for i in range(LAYERS):
     out[f"blk.{i}.attn_latent"] = rng.standard_normal((T, R)).astype(np.float32)
     out[f"blk.{i}.hidden_after_attn"] = rng.standard_normal((T, D)).astype(np.float32)
@@ -45,8 +47,9 @@ def with_router_scores(t: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.
 ROUTER_CONFIG = {"num_experts_per_tok": K, "n_group": 1, "topk_group": 1, "n_routed_experts": E}
 
 
-def write_outputs_golden(path: pathlib.Path, tensors: dict[str, np.ndarray] | None = None,
-                         **metadata: str) -> pathlib.Path:
+def write_outputs_golden(
+  path: pathlib.Path, tensors: dict[str, np.ndarray] | None = None, **metadata: str
+) -> pathlib.Path:
   tensors = outputs_tensors() if tensors is None else tensors
   path.parent.mkdir(parents=True, exist_ok=True)
   meta = {"kind": "model-outputs", "model": "synthetic", "recipe": "F32", "prefill": str(PREFILL)} | metadata
@@ -59,8 +62,12 @@ def write_manifest(root: pathlib.Path, kinds: dict[str, str], **entry_fields) ->
   entry_fields are added to every entry (e.g. config=ROUTER_CONFIG)."""
   files = {}
   for rel, kind in kinds.items():
-    files[rel] = {"kind": kind, "sha256": hashlib.sha256((root / rel).read_bytes()).hexdigest(), "tensors": {},
-                  **entry_fields}
+    files[rel] = {
+      "kind": kind,
+      "sha256": hashlib.sha256((root / rel).read_bytes()).hexdigest(),
+      "tensors": {},
+      **entry_fields,
+    }
   m = root / "manifest.json"
   m.write_text(json.dumps({"format_version": 1, "generator_version": "test", "files": files}, indent=1))
   return m

@@ -65,8 +65,15 @@ def test_kernel_one_bit_flip_names_block_row_and_bits(tmp_path, capsys):
   first = row["metrics"]["first"]
   assert row["status"] == "FAIL" and row["metrics"]["blocks_differ"] == 1
   assert (first["row"], first["block"], first["byte_offset"]) == (5, 1, 5 * row_bytes + 144)
-  assert first["bytes"] == [{"offset_in_block": 17, "golden": int(t["quantized"][5, 161]), "candidate": int(q[5, 161]),
-                             "xor": 4, "bits": [2]}]
+  assert first["bytes"] == [
+    {
+      "offset_in_block": 17,
+      "golden": int(t["quantized"][5, 161]),
+      "candidate": int(q[5, 161]),
+      "xor": 4,
+      "bits": [2],
+    }
+  ]
   assert "row 5, block 1" in capsys.readouterr().out
 
 
@@ -148,8 +155,12 @@ def test_router_divergence_and_weights_by_expert(outputs_golden, tmp_path):
   ids, w = t["blk.1.topk_ids"][:, ::-1].copy(), t["blk.1.topk_weights"][:, ::-1].copy()
   ids2 = t["blk.2.topk_ids"].copy()
   ids2[6, 0] = next(e for e in range(synth.E) if e not in ids2[6])
-  cand = {"blk.1.topk_ids": ids, "blk.1.topk_weights": w, "blk.2.topk_ids": ids2,
-          "blk.2.topk_weights": t["blk.2.topk_weights"]}
+  cand = {
+    "blk.1.topk_ids": ids,
+    "blk.1.topk_weights": w,
+    "blk.2.topk_ids": ids2,
+    "blk.2.topk_weights": t["blk.2.topk_weights"],
+  }
   np.savez(tmp_path / "cand.npz", **cand)
   code, rep = run_diff(outputs_golden, tmp_path / "cand.npz", tmp_path=tmp_path)
   rows = {r["name"]: r for r in rep["rows"]}
@@ -179,7 +190,9 @@ def test_logit_thresholds_profile_and_overrides(outputs_golden, tmp_path, capsys
   kld = rep["rows"][0]["metrics"]["Mean KLD"]
   assert code == 1 and 1e-4 < kld < 5e-3 and rep["profile"] == "float32"
   capsys.readouterr()
-  code, rep = run_diff(outputs_golden, tmp_path / "l.npy", "--threshold", "logits_mean_kld=0.01", tmp_path=tmp_path)
+  code, rep = run_diff(
+    outputs_golden, tmp_path / "l.npy", "--threshold", "logits_mean_kld=0.01", tmp_path=tmp_path
+  )
   assert code == 0 and rep["overrides"]["logits_mean_kld"]["change"] == "looser"
   assert "LOOSER" in capsys.readouterr().out  # a loosened bound is never silent
 
@@ -197,7 +210,9 @@ def test_profile_follows_the_goldens_emulation_and_settings_must_match(tmp_path,
   np.savez(tmp_path / "c.npz", logits=t["logits"], **{"meta.llama_cpp": np.array(meta)})
   assert run_diff(golden, tmp_path / "c.npz")[0] == 2
   assert "llama-cpu.safetensors" in capsys.readouterr().err
-  np.savez(tmp_path / "ok.npz", logits=t["logits"], **{"meta.llama_cpp": np.array(meta.replace("f32", "f16"))})
+  np.savez(
+    tmp_path / "ok.npz", logits=t["logits"], **{"meta.llama_cpp": np.array(meta.replace("f32", "f16"))}
+  )
   code, rep = run_diff(golden, tmp_path / "ok.npz", tmp_path=tmp_path)
   assert code == 0 and rep["unknown_candidate_tensors"] == []
 
@@ -220,15 +235,18 @@ def test_expert_flip_at_a_near_tie_is_explained_at_a_decisive_gap_fails(tmp_path
   scores[3, other] = scores[3, ids[3, 1]] - 1e-7
   t["blk.1.router_scores"] = scores
   synth.write_outputs_golden(golden, t)
-  synth.write_manifest(golden.parents[3], {"models/m/outputs/F32.safetensors": "model-outputs"},
-                       config=synth.ROUTER_CONFIG)
+  synth.write_manifest(
+    golden.parents[3], {"models/m/outputs/F32.safetensors": "model-outputs"}, config=synth.ROUTER_CONFIG
+  )
   cand = {k: v for k, v in t.items() if k != "blk.1.router_scores"}
   cand["blk.1.topk_ids"] = ids.copy()
   cand["blk.1.topk_ids"][3, 1] = other
   np.savez(tmp_path / "near.npz", **{k: cand[k] for k in ("tokens", "logits", "blk.1.topk_ids")})
   code, rep = run_diff(golden, tmp_path / "near.npz", tmp_path=tmp_path)
   row = {r["name"]: r for r in rep["rows"]}["blk.1.topk_ids"]
-  assert code == 0 and row["metrics"]["positions_explained"] == 1 and row["metrics"]["positions_decisive"] == 0
+  assert (
+    code == 0 and row["metrics"]["positions_explained"] == 1 and row["metrics"]["positions_decisive"] == 0
+  )
   assert "explained" in row["summary"] and "token 3" in row["summary"]
   # The same flip at a token whose gap is large (>= 0.2 by construction) is decisive.
   cand["blk.1.topk_ids"] = ids.copy()
@@ -239,7 +257,12 @@ def test_expert_flip_at_a_near_tie_is_explained_at_a_decisive_gap_fails(tmp_path
   assert code == 1 and row["metrics"]["positions_decisive"] == 1 and row["metrics"]["first"]["token"] == 5
   assert row["metrics"]["first"]["golden_gap"] >= 0.2
   fd = rep["first_divergence"]
-  assert (fd["layer"], fd["tensor"], fd["token"], fd["metric"]) == (1, "blk.1.topk_ids", 5, "decisive expert flip")
+  assert (fd["layer"], fd["tensor"], fd["token"], fd["metric"]) == (
+    1,
+    "blk.1.topk_ids",
+    5,
+    "decisive expert flip",
+  )
   assert "DECISIVE" in capsys.readouterr().out
 
 
@@ -254,9 +277,17 @@ def test_non_finite_candidate_logits_fail(outputs_golden, tmp_path):
 
 def test_dump_example_writer_round_trips(outputs_golden, tmp_path):
   t = load_file(str(outputs_golden))
-  layers = [{k.split(".", 2)[2]: v[None] for k, v in t.items() if k.startswith(f"blk.{i}.")} for i in range(synth.LAYERS)]
-  dump_example.write_dump(tmp_path / "cand.npz", tokens=t["tokens"], logits=t["logits"][None],
-                          decode_logits=t["decode_logits"], layers=layers)
+  layers = [
+    {k.split(".", 2)[2]: v[None] for k, v in t.items() if k.startswith(f"blk.{i}.")}
+    for i in range(synth.LAYERS)
+  ]
+  dump_example.write_dump(
+    tmp_path / "cand.npz",
+    tokens=t["tokens"],
+    logits=t["logits"][None],
+    decode_logits=t["decode_logits"],
+    layers=layers,
+  )
   code, rep = run_diff(outputs_golden, tmp_path / "cand.npz", tmp_path=tmp_path)
   assert code == 0 and rep["not_supplied"] == [] and rep["unknown_candidate_tensors"] == []
 
@@ -271,7 +302,9 @@ def test_golden_kind_from_manifest(tmp_path):
   synth.write_manifest(root, {rel: "model-outputs"})
   np.save(tmp_path / "l.npy", t["logits"])
   code, rep = run_diff(root / rel, tmp_path / "l.npy", tmp_path=tmp_path)
-  assert code == 0 and rep["golden"]["kind"] == "model-outputs" and rep["golden"]["manifest"]["relpath"] == rel
+  assert (
+    code == 0 and rep["golden"]["kind"] == "model-outputs" and rep["golden"]["manifest"]["relpath"] == rel
+  )
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -365,7 +398,10 @@ def test_gguf_vs_gguf_names_the_tensor_and_block(tmp_path, capsys):
   assert "blk.0.ffn_down.weight" in capsys.readouterr().out
   _write_gguf(tmp_path / "other.gguf", q8, f32[:32])
   code, rep = run_diff(tmp_path / "golden.gguf", tmp_path / "other.gguf", tmp_path=tmp_path)
-  assert code == 1 and "candidate F32 [32]" in {r["name"]: r for r in rep["rows"]}["blk.0.attn_norm.weight"]["summary"]
+  assert (
+    code == 1
+    and "candidate F32 [32]" in {r["name"]: r for r in rep["rows"]}["blk.0.attn_norm.weight"]["summary"]
+  )
   np.save(tmp_path / "l.npy", f32)
   assert run_diff(tmp_path / "golden.gguf", tmp_path / "l.npy")[0] == 2
 
@@ -420,7 +456,9 @@ def test_which_stages_quantize_activations_follows_the_files_types():
 
   models = GOLDENS / "models" / "v3-pydoc" / "gguf"
   f32, q4 = models / "F32.gguf", models / "Q4_K_M.gguf"
-  assert [stagewise.quantizes_activations(f32, i, b) for i in range(3) for b in ("attn", "mlp")] == [False] * 6
+  assert [stagewise.quantizes_activations(f32, i, b) for i in range(3) for b in ("attn", "mlp")] == [
+    False
+  ] * 6
   assert [stagewise.quantizes_activations(q4, i, b) for i in range(3) for b in ("attn", "mlp")] == [True] * 6
   assert [stagewise.quantizes_activations(q4, i, "mlp", "router") for i in (1, 2)] == [False, False]
   with pytest.raises(KeyError, match="no matmul weight under layers.0.mlp.router"):

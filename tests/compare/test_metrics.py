@@ -49,7 +49,11 @@ def test_nmse_non_finite_values_are_explicit():
   inf, nan = np.inf, np.nan
   # Matched infinities and NaN-vs-NaN agree and are left out: (1 - 2)^2 / 1^2 = 1.
   assert metrics.nmse(np.array([1, inf, -inf, nan], F), np.array([2, inf, -inf, nan], F)) == 1.0
-  for b in ([1, 1, -inf, nan], [1, inf, inf, nan], [1, inf, -inf, 0]):  # NaN or infinity against anything else
+  for b in (
+    [1, 1, -inf, nan],
+    [1, inf, inf, nan],
+    [1, inf, -inf, 0],
+  ):  # NaN or infinity against anything else
     assert metrics.nmse(np.array([1, inf, -inf, nan], F), np.array(b, F)) == math.inf
   rows = metrics.nmse_rows(np.array([[1, 2], [inf, 1]], F), np.array([[1, 2], [1, 1]], F))
   assert rows.tolist() == [0.0, math.inf]
@@ -109,4 +113,6 @@ def test_router_sets_and_weights_by_expert():
   assert metrics.topk_set_differs(g, c).tolist() == [False, True, False]
   gw = np.array([[0.7, 0.3], [0.5, 0.5], [0.6, 0.4]])
   cw = np.array([[0.3, 0.7], [0.5, 0.5], [0.4, 0.6]])
-  np.testing.assert_array_equal(metrics.weights_by_expert(g, gw)[[0, 2]], metrics.weights_by_expert(c, cw)[[0, 2]])
+  np.testing.assert_array_equal(
+    metrics.weights_by_expert(g, gw)[[0, 2]], metrics.weights_by_expert(c, cw)[[0, 2]]
+  )

@@ -19,8 +19,10 @@ def select(scores: np.ndarray, spec: routing.RouterSpec) -> np.ndarray:
   for s in scores:
     gscore = [sorted(s[g * per : (g + 1) * per])[-2:] for g in range(spec.n_group)]
     gscore = [sum(x) for x in gscore]
-    best = max(itertools.combinations(range(spec.n_group), spec.topk_group),
-               key=lambda gs: sorted((gscore[g] for g in gs), reverse=True))
+    best = max(
+      itertools.combinations(range(spec.n_group), spec.topk_group),
+      key=lambda gs: sorted((gscore[g] for g in gs), reverse=True),
+    )
     allowed = [x for g in best for x in range(g * per, (g + 1) * per)]
     chosen = sorted(allowed, key=lambda x: -s[x])[: spec.top_k]
     out.append(sorted(chosen))
@@ -43,8 +45,11 @@ def test_group_gap_is_the_smaller_decision():
   np.testing.assert_allclose(routing.decision_margins(scores2, spec), [0.1])
 
 
-@pytest.mark.parametrize("spec", [routing.RouterSpec(top_k=4, n_group=4, topk_group=2),
-                                  routing.RouterSpec(top_k=2)], ids=["groups", "flat"])
+@pytest.mark.parametrize(
+  "spec",
+  [routing.RouterSpec(top_k=4, n_group=4, topk_group=2), routing.RouterSpec(top_k=2)],
+  ids=["groups", "flat"],
+)
 def test_a_perturbation_flips_a_selection_only_where_the_gap_is_within_four_eps(spec):
   rng = np.random.default_rng(0)
   e = 16 if spec.n_group > 1 else 6
@@ -63,13 +68,21 @@ def test_a_perturbation_flips_a_selection_only_where_the_gap_is_within_four_eps(
 
 def test_classify_explained_and_decisive():
   spec = routing.RouterSpec(top_k=2)
-  scores = np.array([[0.9, 0.500, 0.4999, 0.1],   # experts 1 and 2 tied
-                     [0.9, 0.500, 0.4999, 0.1],
-                     [0.9, 0.5, 0.2, 0.1]])
+  scores = np.array(
+    [
+      [0.9, 0.500, 0.4999, 0.1],  # experts 1 and 2 tied
+      [0.9, 0.500, 0.4999, 0.1],
+      [0.9, 0.5, 0.2, 0.1],
+    ]
+  )
   golden = np.array([[0, 1], [0, 1], [0, 1]])
-  cand = np.array([[0, 2],    # swaps the tied pair: explained
-                   [3, 1],    # near-tie at this token, but swaps expert 0 for 3, far from the boundary
-                   [0, 2]])   # gap 0.3: decisive
+  cand = np.array(
+    [
+      [0, 2],  # swaps the tied pair: explained
+      [3, 1],  # near-tie at this token, but swaps expert 0 for 3, far from the boundary
+      [0, 2],
+    ]
+  )  # gap 0.3: decisive
   f = routing.classify(golden, cand, scores, spec, tie_gap=1e-3)
   assert f.differs.tolist() == [True, True, True]
   assert f.explained.tolist() == [True, False, False]
@@ -86,7 +99,11 @@ def test_group_near_tie_explains_only_experts_of_near_groups():
   # groups (sum of two best): 1.0, 0.9999, 0.99989 (near-tied with group 1), 0.2
   scores = np.array([[0.6, 0.4, 0.5, 0.4999, 0.5, 0.49989, 0.1, 0.1]] * 2)
   golden = np.array([[0, 2], [0, 2]])
-  cand = np.array([[0, 4],    # group 2 instead of group 1: explained
-                   [0, 6]])   # group 3 is far from selection: decisive
+  cand = np.array(
+    [
+      [0, 4],  # group 2 instead of group 1: explained
+      [0, 6],
+    ]
+  )  # group 3 is far from selection: decisive
   f = routing.classify(golden, cand, scores, spec, tie_gap=1e-3)
   assert f.explained.tolist() == [True, False] and f.decisive.tolist() == [False, True]

@@ -221,7 +221,9 @@ def test_legacy_fallback_type_dq3jax_cannot_compute(good, tmp_path):
 
 def test_imatrix_token_embd_of_wrong_size_is_ignored_like_llama_quantize(good, tmp_path):
   cfg, params, _, _ = good
-  im = _imatrix(tmp_path, {"token_embd.weight": (np.ones((1, 2 * cfg.hidden_size), np.float32), np.full(1, 4))})
+  im = _imatrix(
+    tmp_path, {"token_embd.weight": (np.ones((1, 2 * cfg.hidden_size), np.float32), np.full(1, 4))}
+  )
   a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
   quantize_to_gguf(ParamsSource(params, cfg), a, "Q4_K_M")
   res = quantize_to_gguf(ParamsSource(params, cfg), b, "Q4_K_M", imatrix=im)

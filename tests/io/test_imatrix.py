@@ -1,7 +1,5 @@
 """llama.cpp importance matrices: both file formats, corrupt files, and when llama-quantize applies them."""
 
-import ctypes
-import pathlib
 import struct
 
 import gguf
@@ -206,32 +204,13 @@ def test_when_llama_quantize_applies_the_imatrix():
 @pytest.mark.parametrize("t", [q.name for q in REGISTRY.values() if q.storable and q.computable])
 def test_type_uses_imatrix_matches_ggml(t):
   # ggml_quantize_chunk with and without column weights: the bytes differ exactly for types that use them.
-  import llama_cpp
-
   from dq3jax.recipes.sizes import type_size
+  from reference import ggml_ref
 
-  lib = ctypes.CDLL(str(pathlib.Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-  f = lib.ggml_quantize_chunk
-  f.restype = ctypes.c_size_t
-  f.argtypes = [
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.c_int64,
-    ctypes.c_int64,
-    ctypes.c_int64,
-    ctypes.c_void_p,
-  ]
   rng = np.random.default_rng(5)
   nrow, ncol = 8, 512
   x = rng.standard_normal((nrow, ncol)).astype(np.float32)
   w = (rng.random(ncol).astype(np.float32) ** 8) * 100
-  nbytes = nrow * type_size(t).row_bytes(ncol)
-  outs = []
-  for imat in (None, w):
-    buf = np.zeros(nbytes + 64, np.uint8)
-    im = None if imat is None else imat.ctypes.data
-    n = f(type_size(t).id, x.ctypes.data, buf.ctypes.data, 0, nrow, ncol, im)
-    assert n == nbytes  # the registry's size agrees with ggml
-    outs.append(buf[:n].tobytes())
+  outs = [ggml_ref.quantize(x, type_size(t).id, imat).tobytes() for imat in (None, w)]
+  assert len(outs[0]) == nrow * type_size(t).row_bytes(ncol)  # the registry's size agrees with ggml
   assert (outs[0] != outs[1]) == type_size(t).uses_imatrix

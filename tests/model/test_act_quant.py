@@ -192,14 +192,29 @@ def test_mapping_from_gguf_names():
 
 def test_relative_keeps_only_the_activation_types():
   # The jit key of a layer: each weight type is replaced by a registry representative of its vec_dot type.
-  layer = {("mlp", "router"): "F32", ("mlp", "w_up"): "Q4_K", ("attn", "wo"): "Q5_0", ("attn", "wq_a"): "BF16"}
+  layer = {
+    ("mlp", "router"): "F32",
+    ("mlp", "w_up"): "Q4_K",
+    ("attn", "wo"): "Q5_0",
+    ("attn", "wq_a"): "BF16",
+  }
   aq = ActQuant.from_types({("layers", "0", *p): t for p, t in layer.items()} | {("lm_head",): "Q6_K"})
   rel = aq.relative("layers", "0")
   assert {p: act_quant.vec_dot_type(t) for p, t in rel.weights} == {
-    ("mlp", "router"): "F32", ("mlp", "w_up"): "Q8_K", ("attn", "wo"): "Q8_0", ("attn", "wq_a"): "BF16"
+    ("mlp", "router"): "F32",
+    ("mlp", "w_up"): "Q8_K",
+    ("attn", "wo"): "Q8_0",
+    ("attn", "wq_a"): "BF16",
   }
-  other = {("mlp", "router"): "F32", ("mlp", "w_up"): "Q2_K", ("attn", "wo"): "Q8_0", ("attn", "wq_a"): "BF16"}
-  assert ActQuant.from_types({("layers", "3", *p): t for p, t in other.items()}).relative("layers", "3") == rel
+  other = {
+    ("mlp", "router"): "F32",
+    ("mlp", "w_up"): "Q2_K",
+    ("attn", "wo"): "Q8_0",
+    ("attn", "wq_a"): "BF16",
+  }
+  assert (
+    ActQuant.from_types({("layers", "3", *p): t for p, t in other.items()}).relative("layers", "3") == rel
+  )
 
 
 def _all_weights(params: dict, layout: str, ty: str) -> ActQuant:

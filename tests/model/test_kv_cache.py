@@ -111,7 +111,9 @@ def test_f16_emulation_is_what_llama_cpp_computes_with_its_default_cache(recipe,
   for tokens in SEQS:
     theirs = llama_cpp_run.llama_logits(path, tokens, llama_cpp_run.Settings(kv_cache="f16"))
     for kv, out in (("f16", with_f16), ("f32", without)):
-      out.append(_kld(theirs, runner.evaluate(params, tokens[None], cfg, act_quant=aq, kv_cache=kv).logits[0]))
+      out.append(
+        _kld(theirs, runner.evaluate(params, tokens[None], cfg, act_quant=aq, kv_cache=kv).logits[0])
+      )
   with_f16, without = np.concatenate(with_f16), np.concatenate(without)
   print(f"{recipe}: float32-exact share {(with_f16 < 1e-9).mean():.2f} with, {(without < 1e-9).mean():.2f} "
         f"without; mean KLD {with_f16.mean():.1e} with, {without.mean():.1e} without")  # fmt: skip

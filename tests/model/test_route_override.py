@@ -58,7 +58,8 @@ def _moe_numpy(p, x, ids, cfg):
   w = w * cfg.routed_scaling_factor
   ex = p["experts"]
   y = sum(
-    wk * (ex["w_down"][e] @ (_silu(ex["w_gate"][e] @ x) * (ex["w_up"][e] @ x))) for wk, e in zip(w, ids, strict=True)
+    wk * (ex["w_down"][e] @ (_silu(ex["w_gate"][e] @ x) * (ex["w_up"][e] @ x)))
+    for wk, e in zip(w, ids, strict=True)
   )
   sh = p["shared"]
   return y + sh["w_down"] @ (_silu(sh["w_gate"] @ x) * (sh["w_up"] @ x)), w

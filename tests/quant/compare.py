@@ -20,16 +20,16 @@ def first_mismatch_report(ours: np.ndarray, theirs: np.ndarray, block_bytes: int
   bits = int(np.unpackbits(xor).sum())
   detail = ", ".join(f"byte {o}: {a[i][o]:#04x} vs {b[i][o]:#04x}" for o in offs[:8])
   return (
-      f"{what}: {bad.size} of {a.shape[0]} blocks differ ({100.0 * bad.size / a.shape[0]:.3f} %); "
-      f"first bad block {i}: {bits} differing bits in {offs.size} bytes ({detail})"
+    f"{what}: {bad.size} of {a.shape[0]} blocks differ ({100.0 * bad.size / a.shape[0]:.3f} %); "
+    f"first bad block {i}: {bits} differing bits in {offs.size} bytes ({detail})"
   )
 
 
 def float_bits_report(ours: np.ndarray, theirs: np.ndarray, block_elems: int, what: str) -> str | None:
   """Bit equality of float32 arrays (NaN payloads included), reported per block."""
   return first_mismatch_report(
-      np.ascontiguousarray(ours, np.float32).view(np.uint32),
-      np.ascontiguousarray(theirs, np.float32).view(np.uint32),
-      4 * block_elems,
-      what,
+    np.ascontiguousarray(ours, np.float32).view(np.uint32),
+    np.ascontiguousarray(theirs, np.float32).view(np.uint32),
+    4 * block_elems,
+    what,
   )

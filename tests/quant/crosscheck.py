@@ -22,9 +22,7 @@ from tests.quant.compare import first_mismatch_report, float_bits_report
 
 # Types whose ggml_quantize_chunk takes a separate path with an importance matrix get both modes.
 PARAMS = [
-    (q.name, mode)
-    for q in computable()
-    for mode in (("ref", "imatrix") if q.uses_imatrix else ("ref",))
+  (q.name, mode) for q in computable() for mode in (("ref", "imatrix") if q.uses_imatrix else ("ref",))
 ]
 
 
@@ -90,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
       continue
     t0 = time.perf_counter()
     n = check_type(name, mode, args.blocks)
-    print(f"{name:5s} {mode:8s} {n:9d} blocks identical to ggml ({time.perf_counter() - t0:.1f} s)", flush=True)
+    print(
+      f"{name:5s} {mode:8s} {n:9d} blocks identical to ggml ({time.perf_counter() - t0:.1f} s)", flush=True
+    )
   return 0
 
 

@@ -69,12 +69,12 @@ def test_unknown_type():
 
 
 @pytest.mark.parametrize(
-    ("imatrix", "message"),
-    [
-        (np.ones(128, np.float32), r"imatrix must have shape \(256,\)"),
-        (-np.ones(256, np.float32), r"column 0 is -1\.0"),
-        (np.full(256, np.nan, np.float32), r"column 0 is nan"),
-    ],
+  ("imatrix", "message"),
+  [
+    (np.ones(128, np.float32), r"imatrix must have shape \(256,\)"),
+    (-np.ones(256, np.float32), r"column 0 is -1\.0"),
+    (np.full(256, np.nan, np.float32), r"column 0 is nan"),
+  ],
 )
 def test_bad_imatrix(imatrix, message):
   with pytest.raises(ValueError, match=message):
@@ -104,11 +104,15 @@ def test_dequantize_checks_byte_count_and_shape():
 # (tiny blocks) and the kernel goldens reach it for every type, and `nox -s crosscheck` runs all 20 cases.
 _EXACT_DEFAULT = {("Q4_0", True), ("Q8_0", False), ("Q2_K", False), ("Q4_K", True)}
 _EXACT_CASES = [
-    pytest.param(q.name, with_im, id=f"{q.name}-{'imatrix' if with_im else 'ref'}",
-                 marks=() if (q.name, with_im) in _EXACT_DEFAULT else pytest.mark.slow)
-    for q in computable()
-    if q.kernels.family is not Family.FLOAT
-    for with_im in ((False, True) if q.uses_imatrix else (False,))
+  pytest.param(
+    q.name,
+    with_im,
+    id=f"{q.name}-{'imatrix' if with_im else 'ref'}",
+    marks=() if (q.name, with_im) in _EXACT_DEFAULT else pytest.mark.slow,
+  )
+  for q in computable()
+  if q.kernels.family is not Family.FLOAT
+  for with_im in ((False, True) if q.uses_imatrix else (False,))
 ]
 
 

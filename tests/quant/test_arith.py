@@ -103,11 +103,11 @@ def test_exact_arith_is_ieee_float32_including_subnormals(scale):
   c = (rng.standard_normal(1 << 16) * scale * 1e-3).astype(np.float32)
   with np.errstate(all="ignore"):
     cases = {
-        "mul": (lambda A, a, b, c: A.mul(a, b), a * b),
-        "mul_add": (lambda A, a, b, c: A.add(A.mul(a, b), c), a * b + c),
-        "sub": (lambda A, a, b, c: A.sub(c, a), c - a),
-        "div": (lambda A, a, b, c: A.div(a, b), a / b),
-        "sqrt": (lambda A, a, b, c: A.sqrt(A.mul(a, a)), np.sqrt(a * a)),
+      "mul": (lambda A, a, b, c: A.mul(a, b), a * b),
+      "mul_add": (lambda A, a, b, c: A.add(A.mul(a, b), c), a * b + c),
+      "sub": (lambda A, a, b, c: A.sub(c, a), c - a),
+      "div": (lambda A, a, b, c: A.div(a, b), a / b),
+      "sqrt": (lambda A, a, b, c: A.sqrt(A.mul(a, a)), np.sqrt(a * a)),
     }
   for name, (fn, want) in cases.items():
     got = _exact(fn, a, b, c)
@@ -120,8 +120,11 @@ def test_nearest_int_matches_ggml_trick_on_ties():
   fast = np.asarray(jax.jit(lambda v, z: FastArith(z, v.shape[0]).nearest_int(v))(v, Z))
   assert np.array_equal(fast, want)
   with jax.enable_x64(True):
-    exact = np.asarray(jax.jit(lambda v, z: ExactArith(z, 1).nearest_int(ExactArith(z, 1).from_f32_bits(v)))(
-        v.view(np.uint32), Z))
+    exact = np.asarray(
+      jax.jit(lambda v, z: ExactArith(z, 1).nearest_int(ExactArith(z, 1).from_f32_bits(v)))(
+        v.view(np.uint32), Z
+      )
+    )
   assert np.array_equal(exact, want)
 
 
@@ -142,8 +145,21 @@ def test_fp16_conversion_matches_ieee_round_to_nearest_even():
   # Every float32 exponent with random mantissas, plus boundary patterns around the fp16 range.
   expo = np.arange(256, dtype=np.uint32)
   bits = (expo[:, None] << 23) | rng.integers(0, 1 << 23, size=(256, 4096), dtype=np.uint32)
-  edges = np.array([0x477FEFFF, 0x477FF000, 0x477FF001, 0x387FC000, 0x38800000, 0x33000000, 0x33000001,
-                    0x32FFFFFF, 0x7F800000, 0x00000001], np.uint32)
+  edges = np.array(
+    [
+      0x477FEFFF,
+      0x477FF000,
+      0x477FF001,
+      0x387FC000,
+      0x38800000,
+      0x33000000,
+      0x33000001,
+      0x32FFFFFF,
+      0x7F800000,
+      0x00000001,
+    ],
+    np.uint32,
+  )
   bits = np.concatenate([bits.ravel(), edges])
   bits = np.concatenate([bits, bits | 0x80000000])
   x = bits.view(np.float32)

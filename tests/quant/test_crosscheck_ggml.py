@@ -20,7 +20,9 @@ MIN_BLOCKS = 50_000 * SCALE
 pytestmark = pytest.mark.crosscheck
 
 
-@pytest.mark.parametrize(("type_name", "mode"), crosscheck.PARAMS, ids=[f"{t}-{m}" for t, m in crosscheck.PARAMS])
+@pytest.mark.parametrize(
+  ("type_name", "mode"), crosscheck.PARAMS, ids=[f"{t}-{m}" for t, m in crosscheck.PARAMS]
+)
 def test_quantize_and_dequantize_match_ggml(type_name, mode):
   n = crosscheck.check_type(type_name, mode, MIN_BLOCKS)
   assert n >= MIN_BLOCKS
@@ -31,7 +33,20 @@ def test_dequantize_random_bytes_matches_ggml(type_name):
   crosscheck.check_random_bytes(type_name, 4096)
 
 
-GGUF_PY_TYPES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+GGUF_PY_TYPES = [
+  "F16",
+  "BF16",
+  "Q4_0",
+  "Q4_1",
+  "Q5_0",
+  "Q5_1",
+  "Q8_0",
+  "Q2_K",
+  "Q3_K",
+  "Q4_K",
+  "Q5_K",
+  "Q6_K",
+]
 
 
 @pytest.mark.parametrize("type_name", GGUF_PY_TYPES)
