@@ -6,8 +6,7 @@
   lists, and its golden tokens are the first T held-out ids.
 - Undecided points (dq3jax.model.undecided): no internal one anywhere (an activation code, fp16 cache entry
   or expert choice that another evaluation order could decide differently); output elements are listed.
-- Identical on every machine: in subprocesses under XLA_FLAGS=--xla_cpu_max_isa=AVX2 and under default flags,
-  regeneration reproduces v3-tiny entirely and v3-pydoc's F32 and Q4_K_M outputs (all three emulations) byte
+- Identical on every machine: in a subprocess under XLA_FLAGS=--xla_cpu_max_isa=AVX2, regeneration reproduces v3-tiny entirely and v3-pydoc's F32 and Q4_K_M outputs (all three emulations) byte
   for byte. (Measured while developing: AVX-512, AVX2, AVX and SSE4_2 code give the same float32 bytes;
   the float64 values themselves differ by up to 2^-47.4 of a row's scale under AVX and SSE4_2, which the
   undecided margin covers 32 times over.)
