@@ -201,7 +201,9 @@ def test_imatrix_with_no_matching_tensor(good, tmp_path):
 
 
 def test_q2_k_s_without_imatrix_is_refused_before_writing(tmp_path):
-  from gguf_llama_ref import mini_config  # rows of 256: Q2_K_S gives real Q2_K tensors, which need an imatrix
+  from tests.io.gguf_llama_ref import (
+    mini_config,  # rows of 256: Q2_K_S gives real Q2_K tensors, which need an imatrix
+  )
 
   cfg = mini_config()
   params = init_params(cfg, 0)

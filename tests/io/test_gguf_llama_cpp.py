@@ -20,7 +20,6 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from gguf_llama_ref import llama_logits, llama_quantize, logit_stats, mini_config, routing_margins
 
 import dq3jax
 from dq3jax.convert.quantize import get_recipe, plan_for, quantize_to_gguf
@@ -30,6 +29,7 @@ from dq3jax.io.imatrix import read_imatrix, write_gguf
 from dq3jax.model import runner
 from dq3jax.model.random_init import init_params
 from dq3jax.recipes.llama_args import tensor_type_overrides
+from tests.io.gguf_llama_ref import llama_logits, llama_quantize, logit_stats, mini_config, routing_margins
 
 pytestmark = [
   pytest.mark.crosscheck,

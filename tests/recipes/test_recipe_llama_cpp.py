@@ -4,9 +4,6 @@ llama.cpp's own type selection (llama_quant_compute_types, src/llama-ext.h) is r
 and compared tensor by tensor with dq3jax's plan, for every built-in llama.cpp preset.
 """
 
-import pathlib
-import sys
-
 import pytest
 
 from dq3jax.recipes.builtin import PRESETS
@@ -22,21 +19,15 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def ref():
-  sys.path.insert(0, str(pathlib.Path(__file__).parent))
-  try:
-    from llama_quant_ref import LlamaQuantRef
-  finally:
-    sys.path.pop(0)
+  from tests.recipes.llama_quant_ref import LlamaQuantRef
+
   return LlamaQuantRef()  # the pinned llama.cpp must expose its hooks: a failure here is a test failure
 
 
 def test_bundled_llama_cpp_is_the_pinned_commit():
-  sys.path.insert(0, str(pathlib.Path(__file__).parent))
-  try:
-    from llama_quant_ref import bundled_commit_strings
-  finally:
-    sys.path.pop(0)
   import llama_cpp
+
+  from tests.recipes.llama_quant_ref import bundled_commit_strings
 
   assert llama_cpp.__version__ == "0.3.36"
   assert RULE_SETS["current"].llama_cpp.startswith("0c1e570")

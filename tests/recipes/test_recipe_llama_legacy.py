@@ -9,7 +9,6 @@ type and size must equal dq3jax's plan with rules="legacy".
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -46,15 +45,12 @@ print(json.dumps(res))
 @pytest.mark.parametrize("layout", ["kv_b", "split"])
 @pytest.mark.parametrize("n_layer", [4, 61])
 def test_legacy_rules_match_early_2025_llama_cpp(tmp_path, layout, n_layer):
-  sys.path.insert(0, str(pathlib.Path(__file__).parent))
-  try:
-    from test_recipe_llama_quantize import FTYPE, TINY, _write_model
-  finally:
-    sys.path.pop(0)
+  from tests.recipes.tiny_gguf import FTYPE, TINY, write_model
+
   # 61 layers with V3's dense prefix puts every layer-position rule (use_more_bits, n/8, n/16) where R1 has it.
   cfg = dict(TINY, num_hidden_layers=n_layer, first_k_dense_replace=1 if n_layer == 4 else 3)
   src = tmp_path / "tiny.gguf"
-  _write_model(src, layout, cfg)
+  write_model(src, layout, cfg)
   presets = {p: FTYPE[p] for p in PRESETS if p != "Q2_K_S"}
   # The old library must win over the installed one; gguf-py still comes from the normal site-packages.
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([OLD, os.environ.get("PYTHONPATH", "")]))

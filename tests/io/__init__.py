@@ -1,0 +1,1 @@
+"""Tests of dq3jax.io."""
