@@ -40,10 +40,12 @@ def run(rows: int = 256, n: int = 4096, repeats: int = 3, types: list[str] | Non
       t_ours = _median_time(lambda im=im, q=q: dq3jax.quantize(x, q, imatrix=im), repeats)
       t_ggml = _median_time(lambda im=im, q=q: ggml_ref.quantize(x, q.id, im), repeats)
       row = {
-          "type": q.name, "mode": mode, "elements": x.size,
-          "quantize_dq3jax_Mel_s": x.size / t_ours / 1e6,
-          "quantize_ggml_Mel_s": x.size / t_ggml / 1e6,
-          "quantize_ratio": t_ggml / t_ours,
+        "type": q.name,
+        "mode": mode,
+        "elements": x.size,
+        "quantize_dq3jax_Mel_s": x.size / t_ours / 1e6,
+        "quantize_ggml_Mel_s": x.size / t_ggml / 1e6,
+        "quantize_ratio": t_ggml / t_ours,
       }
       if mode == "ref":
         data = ggml_ref.quantize(x, q.id)
@@ -51,9 +53,9 @@ def run(rows: int = 256, n: int = 4096, repeats: int = 3, types: list[str] | Non
         d_ours = _median_time(lambda data=data, q=q: dq3jax.dequantize(data, q, x.shape), repeats)
         d_ggml = _median_time(lambda data=data, q=q: ggml_ref.dequantize(data, q.id, x.size), repeats)
         row |= {
-            "dequantize_dq3jax_Mel_s": x.size / d_ours / 1e6,
-            "dequantize_ggml_Mel_s": x.size / d_ggml / 1e6,
-            "dequantize_ratio": d_ggml / d_ours,
+          "dequantize_dq3jax_Mel_s": x.size / d_ours / 1e6,
+          "dequantize_ggml_Mel_s": x.size / d_ggml / 1e6,
+          "dequantize_ratio": d_ggml / d_ours,
         }
       results.append(row)
       print(_fmt_row(row), flush=True)
@@ -61,14 +63,21 @@ def run(rows: int = 256, n: int = 4096, repeats: int = 3, types: list[str] | Non
 
 
 def _fmt_row(r: dict) -> str:
-  deq = (f"{r['dequantize_dq3jax_Mel_s']:9.1f} {r['dequantize_ggml_Mel_s']:9.1f} {r['dequantize_ratio']:6.2f}"
-         if "dequantize_ratio" in r else " " * 26)
-  return (f"| {r['type']:5s} | {r['mode']:7s} | {r['quantize_dq3jax_Mel_s']:8.2f} | {r['quantize_ggml_Mel_s']:8.2f} "
-          f"| {r['quantize_ratio']:6.3f} | {deq} |")
+  deq = (
+    f"{r['dequantize_dq3jax_Mel_s']:9.1f} {r['dequantize_ggml_Mel_s']:9.1f} {r['dequantize_ratio']:6.2f}"
+    if "dequantize_ratio" in r
+    else " " * 26
+  )
+  return (
+    f"| {r['type']:5s} | {r['mode']:7s} | {r['quantize_dq3jax_Mel_s']:8.2f} | {r['quantize_ggml_Mel_s']:8.2f} "
+    f"| {r['quantize_ratio']:6.3f} | {deq} |"
+  )
 
 
-HEADER = ("| type | mode | quantize dq3jax (M el/s) | quantize ggml | ratio | dequantize dq3jax / ggml / ratio |\n"
-          "|---|---|---:|---:|---:|---|")
+HEADER = (
+  "| type | mode | quantize dq3jax (M el/s) | quantize ggml | ratio | dequantize dq3jax / ggml / ratio |\n"
+  "|---|---|---:|---:|---:|---|"
+)
 
 if __name__ == "__main__":
   print(f"cpus={os.cpu_count()}")

@@ -19,8 +19,14 @@ def main() -> int:
   ap.add_argument("--types", default=None, help="comma-separated subset of ggml types")
   ap.add_argument("--rows", type=int, default=256)
   args = ap.parse_args()
-  env = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-         "jax": jax.__version__, "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  env = {
+    "platform": platform.platform(),
+    "processor": platform.processor(),
+    "cpus": os.cpu_count(),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
   print(env)
   print(bench_quant.HEADER)
   quant = bench_quant.run(rows=args.rows, types=args.types.split(",") if args.types else None)

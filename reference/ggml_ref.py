@@ -20,13 +20,13 @@ PINNED_LLAMA_CPP_PYTHON = "0.3.36"
 
 class _TypeTraits(ctypes.Structure):
   _fields_ = [
-      ("type_name", ctypes.c_char_p),
-      ("blck_size", ctypes.c_int64),
-      ("blck_size_interleave", ctypes.c_int64),
-      ("type_size", ctypes.c_size_t),
-      ("is_quantized", ctypes.c_bool),
-      ("to_float", ctypes.c_void_p),
-      ("from_float_ref", ctypes.c_void_p),
+    ("type_name", ctypes.c_char_p),
+    ("blck_size", ctypes.c_int64),
+    ("blck_size_interleave", ctypes.c_int64),
+    ("type_size", ctypes.c_size_t),
+    ("is_quantized", ctypes.c_bool),
+    ("to_float", ctypes.c_void_p),
+    ("from_float_ref", ctypes.c_void_p),
   ]
 
 
@@ -40,8 +40,8 @@ def library_path() -> pathlib.Path:
 
   if llama_cpp.__version__ != PINNED_LLAMA_CPP_PYTHON:
     raise RuntimeError(
-        f"llama-cpp-python {llama_cpp.__version__} is installed, the oracle is pinned to "
-        f"{PINNED_LLAMA_CPP_PYTHON}; install the `reference` extra"
+      f"llama-cpp-python {llama_cpp.__version__} is installed, the oracle is pinned to "
+      f"{PINNED_LLAMA_CPP_PYTHON}; install the `reference` extra"
     )
   lib_dir = pathlib.Path(llama_cpp.__file__).parent / "lib"
   for name in ("libggml-base.so", "libggml-base.dylib"):
@@ -55,8 +55,13 @@ def _lib() -> ctypes.CDLL:
   lib = ctypes.CDLL(str(library_path()))
   lib.ggml_quantize_chunk.restype = ctypes.c_size_t
   lib.ggml_quantize_chunk.argtypes = [
-      ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-      ctypes.c_void_p,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_void_p,
   ]
   lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
   lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
