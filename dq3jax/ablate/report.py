@@ -16,7 +16,7 @@ from typing import Any
 from dq3jax.ablate.run import AblationResult, RecipeResult
 from dq3jax.ablate.sensitivity import SensitivityResult, UnitResult, class_label
 from dq3jax.compare.logit_stats import LogitStats, format_llama_perplexity
-from dq3jax.io import sigterm
+from dq3jax.io.atomic import atomic_path
 
 FORMAT_VERSION = 1
 
@@ -214,18 +214,11 @@ def _finite(x: Any) -> Any:
 
 
 def _atomic(path: str | os.PathLike, write) -> None:
-  """write(tmp_path) then rename over path: readers never see a partial file. The temporary file is created
-  with open(), not mkstemp, so the result gets the user's umask permissions (mkstemp's are 0600)."""
+  """write(tmp_path), then the temp file replaces path (dq3jax.io.atomic)."""
   p = pathlib.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-  with sigterm.as_exception():  # SIGTERM, like Ctrl-C, reaches the cleanup below
-    try:
-      write(str(tmp))
-      os.replace(tmp, p)
-    except BaseException:
-      tmp.unlink(missing_ok=True)
-      raise
+  with atomic_path(p) as tmp:
+    write(tmp)
 
 
 def write_json(result: AblationResult, path: str | os.PathLike) -> None:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -949,19 +948,12 @@ def _jsonable(x):
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:
-  """Write obj as JSON atomically: a temp file beside the target, then os.replace."""
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".diff-report-", suffix=".json", dir=d)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Write obj as JSON atomically (dq3jax.io.atomic)."""
+  from dq3jax.io.atomic import atomic_path  # noqa: PLC0415
+
+  with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
+    f.write("\n")
 
 
 # ------------------------------------------------------------------------------------------------- diff

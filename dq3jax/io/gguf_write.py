@@ -9,17 +9,15 @@ and no temp file.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import gguf
 import numpy as np
 from tqdm import tqdm
 
-from dq3jax.io import sigterm
+from dq3jax.io.atomic import atomic_path
 from dq3jax.qtypes import QType
 
 
@@ -40,26 +38,6 @@ class TensorJob:
   def nbytes(self) -> int:
     rows = int(np.prod(self.ne[1:], dtype=np.int64)) if len(self.ne) > 1 else 1
     return rows * self.qtype.row_bytes(self.ne[0])
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-  """Yields a temp path next to `path`; on success it replaces `path`, on any exception (SIGTERM included,
-  see dq3jax.io.sigterm) it is removed."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  with sigterm.as_exception():
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-      os.close(fd)
-      yield tmp
-      with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave a partial file behind
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-      raise
 
 
 def write_gguf(

@@ -20,7 +20,8 @@ import time
 import jax
 import numpy as np
 
-from dq3jax.io import hf_writer, sigterm
+from dq3jax.io import hf_writer
+from dq3jax.io.atomic import atomic_path
 from dq3jax.model.presets import bf16_round, params_of
 from dq3jax.train import corpus, evaluate, spec, tokenizer
 from dq3jax.train.train import train
@@ -64,17 +65,9 @@ def _code_version() -> str | None:
 
 def _write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with sigterm.as_exception():  # SIGTERM, like Ctrl-C, reaches the cleanup below
-    try:
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+  with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, ensure_ascii=False)
+    f.write("\n")
 
 
 def _spread_windows(stream: np.ndarray, window: int, count: int) -> np.ndarray:

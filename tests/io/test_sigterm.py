@@ -71,8 +71,8 @@ def term(pattern):
   time.sleep(30)  # the handler raises before this returns
 """
 WRITERS = {
-  "gguf_write.atomic_path": """
-from dq3jax.io.gguf_write import atomic_path
+  "io.atomic.atomic_path": """
+from dq3jax.io.atomic import atomic_path
 with atomic_path(out) as tmp:
   open(tmp, "wb").write(b"partial")
   term(os.path.join(os.path.dirname(out), ".out.*.tmp"))
@@ -96,9 +96,18 @@ import json
 from dq3jax.train import run
 def dump(obj, f, **kwargs):
   f.write("{")
-  term(out + ".tmp")
+  term(os.path.join(os.path.dirname(out), ".out.*.tmp"))
 json.dump = dump
 run._write_json(out, {"a": 1})
+""",
+  "diff write_json": """
+import json
+from dq3jax.compare import diff
+def dump(obj, f, **kwargs):
+  f.write("{")
+  term(os.path.join(os.path.dirname(out), ".out.*.tmp"))
+json.dump = dump
+diff.write_json(out, {"a": 1})
 """,
 }
 
