@@ -122,8 +122,37 @@ class FastArith:
 
   def mul(self, a, b):
     r = a * b
-    self._note((jnp.abs(r) < SAFE_MAGNITUDE) & (a != 0) & (b != 0))
+    self._note(self.product_underflow(r, a, b))
     return self.hide(r)
+
+  def mul_unchecked(self, a, b):
+    """a*b where the caller has proved a nonzero result cannot fall below SAFE_MAGNITUDE.
+
+    Each call site states its proof (typically: `a` was screened or checked, and `b` is an
+    integer code, so |a*b| >= |a|). The check costs more than the product in the searches' inner
+    loops, which is why it is skipped where it is provably dead.
+    """
+    return self.hide(a * b)
+
+  def screen(self, v):
+    """Flags blocks holding a nonzero |v| below SAFE_MAGNITUDE; afterwards v is 0 or safe."""
+    self._note((jnp.abs(v) < SAFE_MAGNITUDE) & (v != 0))
+    return v
+
+  def product_underflow(self, r, a, b):
+    """Where r = a*b (or a*f(b), f keeping zero and nonzero apart) is below SAFE_MAGNITUDE with a
+    and b nonzero: the event `mul` notes, for a product formed unchecked. Pass it to `note`."""
+    nz = lambda v: v if v.dtype == jnp.bool_ else v != 0  # noqa: E731 (a precomputed `v != 0` may be passed)
+    return (jnp.abs(r) < SAFE_MAGNITUDE) & nz(a) & nz(b)
+
+  def note(self, events: jax.Array) -> None:
+    """Flags the blocks of any True element of `events` (block axis last)."""
+    self._note(events)
+
+  def nearest_int_of_product(self, a, b):
+    """nearest_int(a*b), needing no underflow check: any |a*b| < 0.5 gives code 0 in C (the
+    subnormal vanishes in the + 1.5*2**23) and gives 0 here when flushed, so FTZ cannot matter."""
+    return self.nearest_int(a * b)
 
   def add(self, a, b):
     return a + b  # cannot underflow given the product/quotient/input checks (module docstring)
@@ -201,6 +230,21 @@ class ExactArith:
   def mul(self, a, b):
     return self.round32(a * b)
 
+  def mul_unchecked(self, a, b):
+    return self.mul(a, b)
+
+  def screen(self, v):
+    return v
+
+  def product_underflow(self, r, a, b):
+    return jnp.zeros(jnp.shape(r), jnp.bool_)
+
+  def note(self, events):
+    pass
+
+  def nearest_int_of_product(self, a, b):
+    return self.nearest_int(self.mul(a, b))
+
   def add(self, a, b):
     return self.round32(a + b)
 
@@ -233,11 +277,33 @@ def seqsum(A: Arith, terms: jax.Array, axis: int, *, from_zero: bool = True):
   from_zero=True mirrors `float s = 0; s += t0; ...` (so an all -0 sum is +0);
   False mirrors `float s = t0; s += t1; ...`.
   """
-  n = terms.shape[axis]
-  first = lax.index_in_dim(terms, 0, axis, keepdims=False)
-  s = A.add(A.zero(), first) if from_zero else first
-  for i in range(1, n):
-    s = A.add(s, lax.index_in_dim(terms, i, axis, keepdims=False))
+  return seqsums(A, [terms], axis, from_zero=from_zero)[0]
+
+
+_UNROLL_BELOW = 5  # shorter sums are unrolled; a loop step costs more than a few adds
+
+
+def seqsums(A: Arith, terms: list[jax.Array], axis: int, *, from_zero: bool = True) -> list[jax.Array]:
+  """Several sequential sums over the same axis, in one pass (see seqsum).
+
+  The terms are computed by the caller as whole arrays (so XLA vectorises them across groups,
+  elements and blocks); only the additions, which C orders, run as a `lax.scan` over `axis`. The
+  unrolled alternative (one add per element, chained) made XLA duplicate and re-fuse the terms
+  into every consumer: slower to run and far slower to compile.
+  """
+  n = terms[0].shape[axis]
+  moved = [jnp.moveaxis(t, axis, 0) for t in terms]  # [n, ...]
+  first = [t[0] for t in moved]
+  s = [A.add(A.zero(), f) for f in first] if from_zero else first
+  if n < _UNROLL_BELOW:
+    for i in range(1, n):
+      s = [A.add(si, t[i]) for si, t in zip(s, moved, strict=True)]
+    return s
+
+  def step(carry, ts):
+    return [A.add(c, t) for c, t in zip(carry, ts, strict=True)], None
+
+  s, _ = lax.scan(step, s, [t[1:] for t in moved])
   return s
 
 

@@ -20,6 +20,7 @@ from dq3jax.quant._arith import (
   first_absmax,
   scan_min_max,
   seqsum,
+  seqsums,
   wrap_u8,
 )
 
@@ -144,71 +145,83 @@ def make_qkx_quants(
 
   `degenerate_le` selects make_qkx3's `max <= min` test over make_qkx2's `max == min`.
   Returns (scale [P, nb], the_min [P, nb] (>= 0, to be subtracted), codes [P, n, nb]).
+
+  The trials run in order (each starts from the min the last accepted trial left, as in C); inside
+  a trial every per-element term is one array op over all groups, elements and blocks, and only
+  the sums run in element order (seqsums, a scan over the leading element axis: the arrays are
+  held as [n, P, nb] here so the scan needs no transposes).
+
+  Underflow checks (see _arith.py) are kept where a result can be tiny and dropped where it
+  provably cannot, because in this loop they cost more than the arithmetic:
+  * w is screened once, so w*l and w*l*l (l a code, 0 or >= 1) are 0 or at least |w|;
+  * w*l*x is at least |w*x|, and w*x is checked once when sum_x is formed;
+  * a scale times a code is 0 or at least the scale, a checked quotient;
+  * iscale*(x - min) only feeds nearest_int, where flushing cannot change a code;
+  * the error term w*f(diff) gets one check of its own result: if f(diff) = diff*diff flushed,
+    the term reads 0 (flagged); if it did not flush it is a normal number, and is used only as
+    this multiplicand, so its exactness is all that matters.
   """
-  mn, mx = scan_min_max(x, axis=1)
-  sum_w = seqsum(A, w, axis=1, from_zero=False)
-  sum_x = seqsum(A, A.mul(w, x), axis=1, from_zero=False)
+  x = jnp.moveaxis(x, 1, 0)  # [n, P, nb]
+  w = A.screen(jnp.moveaxis(w, 1, 0))
+  w_nonzero = w != 0
+  wx = A.mul(w, x)  # checked here once: bounds every w*l*x below
+  mn, mx = scan_min_max(x, axis=0)
+  sum_w, sum_x = seqsums(A, [w, wx], axis=0, from_zero=False)
   mn = jnp.where(mn > 0, A.c(0), mn)
   degenerate = (mx <= mn) if degenerate_le else (mx == mn)
   mn_start = mn
 
-  xs = [_at(x, i) for i in range(x.shape[1])]  # per-element [P, nb] slices: XLA fuses each
-  ws = [_at(w, i) for i in range(x.shape[1])]  # element's whole chain this way, far faster
-
-  def weighted_error(B, scale, m, ls):
+  def weighted_error(B, scale, m, lf):
     """C: err += w * f((scale*L + min) - x), f = |.| (use_mad) or square, in element order."""
-    cur = B.zero()
-    for xi, wi, li in zip(xs, ws, ls, strict=True):
-      diff = B.sub(B.add(B.mul(scale, B.from_int(li)), m), xi)
-      cur = B.add(cur, B.mul(wi, jnp.abs(diff) if use_mad else B.mul(diff, diff)))
-    return cur
+    diff = B.sub(B.add(B.mul_unchecked(scale, lf), m), x)
+    f = jnp.abs(diff) if use_mad else B.mul_unchecked(diff, diff)
+    err = B.mul_unchecked(w, f)
+    return seqsum(B, err, axis=0), B.product_underflow(err, w_nonzero, diff)
+
+  def codes_for(B, iscale, m):
+    return clamp(B.nearest_int_of_product(iscale, B.sub(x, m)), 0, nmax)
 
   iscale = A.div(A.c(nmax), A.sub(mx, mn))
   scale = A.div(A.c(1), iscale)
-  codes = clamp(A.nearest_int(A.mul(iscale[:, None, :], A.sub(x, mn[:, None, :]))), 0, nmax)
-  best = weighted_error(A, scale, mn, [codes[:, i, :] for i in range(x.shape[1])])
+  codes = codes_for(A, iscale, mn)
+  best, events = weighted_error(A, scale, mn, A.from_int(codes))
 
   # C: (rmin + rdelta*is + nmax) with float32 roundings; precomputed exactly in numpy.
   steps = np.arange(nstep + 1, dtype=np.float32)
   factors = (np.float32(rmin) + np.float32(rdelta) * steps) + np.float32(nmax)
 
   def trial(k, carry):
-    codes, scale, mn, best, flag = carry
+    codes, scale, mn, best, events, flag = carry
     B = A.fork(flag)
-    isc = B.div(jnp.asarray(factors, B.dtype)[k], B.sub(mx, mn))
-    sum_l = sum_l2 = sum_xl = B.zero()
-    ls = []
-    for xi, wi in zip(xs, ws, strict=True):
-      li = clamp(B.nearest_int(B.mul(isc, B.sub(xi, mn))), 0, nmax)
-      ls.append(li)
-      lf = B.from_int(li)
-      wl = B.mul(wi, lf)
-      sum_l = B.add(sum_l, wl)
-      sum_l2 = B.add(sum_l2, B.mul(wl, lf))
-      sum_xl = B.add(sum_xl, B.mul(wl, xi))
+    l = codes_for(B, B.div(jnp.asarray(factors, B.dtype)[k], B.sub(mx, mn)), mn)
+    lf = B.from_int(l)
+    wl = B.mul_unchecked(w, lf)
+    sum_l, sum_l2, sum_xl = seqsums(B, [wl, B.mul_unchecked(wl, lf), B.mul_unchecked(wl, x)], axis=0)
     det = B.sub(B.mul(sum_w, sum_l2), B.mul(sum_l, sum_l))
     t_scale = B.div(B.sub(B.mul(sum_w, sum_xl), B.mul(sum_x, sum_l)), det)
     t_min = B.div(B.sub(B.mul(sum_l2, sum_x), B.mul(sum_l, sum_xl)), det)
     pos = t_min > 0
     t_min = jnp.where(pos, B.c(0), t_min)
     t_scale = jnp.where(pos, B.div(sum_xl, sum_l2), t_scale)
-    cur = weighted_error(B, t_scale, t_min, ls)
+    cur, ev = weighted_error(B, t_scale, t_min, lf)
     take = (det > 0) & (cur < best)
-    codes = jnp.where(take[:, None, :], jnp.stack(ls, axis=1), codes)
     return (
-      codes,
+      jnp.where(take, l, codes),
       jnp.where(take, t_scale, scale),
       jnp.where(take, t_min, mn),
       jnp.where(take, cur, best),
+      events | ev,
       B.flag,
     )
 
   if nstep >= 1:
-    codes, scale, mn, best, A.flag = lax.fori_loop(0, nstep + 1, trial, (codes, scale, mn, best, A.flag))
+    carry = (codes, scale, mn, best, events, A.flag)
+    codes, scale, mn, best, events, A.flag = lax.fori_loop(0, nstep + 1, trial, carry)
+  A.note(events)
   scale = jnp.where(degenerate, A.c(0), scale)
-  codes = jnp.where(degenerate[:, None, :], 0, codes)
+  codes = jnp.where(degenerate, 0, codes)
   the_min = -jnp.where(degenerate, mn_start, mn)
-  return scale, the_min, codes
+  return scale, the_min, jnp.moveaxis(codes, 0, 1)
 
 
 def make_qp_quants(A: Arith, x, nmax: int, w):
