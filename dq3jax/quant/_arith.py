@@ -149,6 +149,20 @@ class FastArith:
     """Flags the blocks of any True element of `events` (block axis last)."""
     self._note(events)
 
+  def scratch(self) -> FastArith:
+    """A fresh arithmetic for a loop body: collect its events with take_events, carry them."""
+    return FastArith(self.z, self.nb, jnp.zeros((self.nb,), jnp.bool_))
+
+  def take_events(self, shape) -> jax.Array:
+    """The OR of the events noted so far, as one bool array of `shape` (each event's shape must
+    broadcast to it); they are cleared here. Carried through a loop, they are reduced to blocks
+    once at its end instead of at every step."""
+    out = jnp.zeros(shape, jnp.bool_)
+    for cond in self._pending.values():
+      out = out | jnp.broadcast_to(cond, shape)
+    self._pending = {}
+    return out
+
   def nearest_int_of_product(self, a, b):
     """nearest_int(a*b), needing no underflow check: any |a*b| < 0.5 gives code 0 in C (the
     subnormal vanishes in the + 1.5*2**23) and gives 0 here when flushed, so FTZ cannot matter."""
@@ -242,6 +256,12 @@ class ExactArith:
   def note(self, events):
     pass
 
+  def scratch(self) -> ExactArith:
+    return ExactArith(self.z, self.nb, self.flag)
+
+  def take_events(self, shape):
+    return jnp.zeros(shape, jnp.bool_)
+
   def nearest_int_of_product(self, a, b):
     return self.nearest_int(self.mul(a, b))
 
@@ -265,6 +285,27 @@ class ExactArith:
 
 
 Arith = FastArith | ExactArith
+
+
+def materialize(z: jax.Array, tree):
+  """`tree`, computed into memory before any consumer runs (z: the runtime zero).
+
+  XLA fuses a producer into each of its consumers. When the consumers are the byte packing (each
+  output byte reads two to eight codes at scattered offsets), the code computation is re-run
+  per byte inside one concatenating loop that does not vectorise: Q6_K ran 4x slower for it.
+  `optimization_barrier` does not stop this (XLA:CPU drops it before fusion); a loop whose trip
+  count (1 + z) is unknown at compile time does, and its body (an OR with zero) costs one pass.
+  """
+
+  def keep(v):
+    if v.dtype == jnp.bool_:
+      return v | (z != 0)
+    if jnp.issubdtype(v.dtype, jnp.floating):
+      int_type = jnp.int64 if v.dtype == jnp.float64 else jnp.int32
+      return lax.bitcast_convert_type(lax.bitcast_convert_type(v, int_type) | z.astype(int_type), v.dtype)
+    return v | z.astype(v.dtype)
+
+  return lax.fori_loop(0, 1 + z, lambda _, t: jax.tree.map(keep, t), tree)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,88 +35,87 @@ def make_qx_quants(A: Arith, x, nmax: int, qw=None):
   """Symmetric signed codes with a weighted-RMSE scale search (ggml make_qx_quants, rmse_type 1).
 
   Returns (scale [P, nb], L [P, n, nb] in 0..2*nmax-1). Groups with max|x| < 1e-15 get 0, 0.
+
+  The 19 trial scales depend only on the group's max, so all trials are computed at once as a
+  trial axis ([n, T, P, nb], the element axis leading for the ordered sums' scan); only the
+  choice among them runs in C's order, on the per-trial sums. No per-element underflow check is
+  needed: w is x*x (checked) or screened, codes are 0 or >= 1 in magnitude, so w*x*l and w*l*l
+  are 0 or at least the checked w*x and w; iscale*x only feeds nearest_int.
   """
   amax, mx = first_absmax(x, axis=1)
   is_zero = amax < GROUP_MAX_EPS
-  w = A.mul(x, x) if qw is None else qw
-  wx = A.mul(w, x)
-
-  xs = [_at(x, i) for i in range(x.shape[1])]  # per-element [P, nb] slices (see make_qkx_quants)
-  ws = [_at(w, i) for i in range(x.shape[1])]
-  wxs = [_at(wx, i) for i in range(x.shape[1])]
-
-  def trial(B, iscale):
-    sumlx = suml2 = B.zero()
-    ls = []
-    for xi, wi, wxi in zip(xs, ws, wxs, strict=True):
-      li = clamp(B.nearest_int(B.mul(iscale, xi)), -nmax, nmax - 1)
-      ls.append(li)
-      lf = B.from_int(li)
-      sumlx = B.add(sumlx, B.mul(wxi, lf))
-      suml2 = B.add(suml2, B.mul(B.mul(wi, lf), lf))
-    return jnp.stack(ls, axis=1), sumlx, suml2
-
-  l, sumlx, suml2 = trial(A, A.div(A.c(-nmax), mx))
-  codes = l + nmax
-  scale = jnp.where(suml2 != 0, A.div(sumlx, suml2), A.c(0))
-  best = A.mul(scale, sumlx)
-  # C: iscale = -(nmax + 0.1f*is) / max for is = -9..9 except 0; the constants are two float32
-  # roundings, done here in numpy.
+  xt = jnp.moveaxis(x, 1, 0)  # [n, P, nb]
+  w = A.mul(xt, xt) if qw is None else A.screen(jnp.moveaxis(qw, 1, 0))
+  wx = A.mul(w, xt)
+  # C: iscale = -nmax/max first, then -(nmax + 0.1f*is)/max for is = -9..9 except 0; the
+  # constants are float32 roundings, done here in numpy.
   steps = np.array([s for s in range(-9, 10) if s != 0], dtype=np.float32)
-  factors = -(np.float32(nmax) + np.float32(0.1) * steps)
+  factors = np.concatenate([[-np.float32(nmax)], -(np.float32(nmax) + np.float32(0.1) * steps)])
+  iscale = A.div(jnp.asarray(factors, A.dtype)[:, None, None], mx[None])  # [T, P, nb]
+  l = clamp(A.nearest_int_of_product(iscale[None], xt[:, None]), -nmax, nmax - 1)  # [n, T, P, nb]
+  lf = A.from_int(l)
+  sumlx, suml2 = seqsums(
+    A, [A.mul_unchecked(wx[:, None], lf), A.mul_unchecked(A.mul_unchecked(w[:, None], lf), lf)], axis=0
+  )  # [T, P, nb]
 
-  def step(k, carry):
-    codes, scale, best, flag = carry
-    B = A.fork(flag)
-    l, sumlx, suml2 = trial(B, B.div(jnp.asarray(factors, B.dtype)[k], mx))
-    take = (suml2 > 0) & (B.mul(sumlx, sumlx) > B.mul(best, suml2))
-    new_scale = B.div(sumlx, suml2)
-    return (
-      jnp.where(take[:, None, :], l + nmax, codes),
-      jnp.where(take, new_scale, scale),
-      jnp.where(take, B.mul(new_scale, sumlx), best),
-      B.flag,
-    )
-
-  codes, scale, best, A.flag = lax.fori_loop(0, len(factors), step, (codes, scale, best, A.flag))
+  scale = jnp.where(suml2[0] != 0, A.div(sumlx[0], suml2[0]), A.c(0))
+  best = A.mul(scale, sumlx[0])
+  chosen = iscale[0]
+  for t in range(1, len(factors)):
+    take = (suml2[t] > 0) & (A.mul(sumlx[t], sumlx[t]) > A.mul(best, suml2[t]))
+    new_scale = A.div(sumlx[t], suml2[t])
+    scale = jnp.where(take, new_scale, scale)
+    best = jnp.where(take, A.mul(new_scale, sumlx[t]), best)
+    chosen = jnp.where(take, iscale[t], chosen)
+  # C recomputes the accepted trial's codes from its iscale; a gather from `l` made XLA fuse the
+  # whole trial computation into every consumer of the codes.
+  codes = clamp(A.nearest_int_of_product(chosen, xt), -nmax, nmax - 1) + nmax  # [n, P, nb]
   scale = jnp.where(is_zero, A.c(0), scale)
-  codes = jnp.where(is_zero[:, None, :], 0, codes)
-  return scale, codes
+  codes = jnp.where(is_zero, 0, codes)
+  return scale, jnp.moveaxis(codes, 0, 1)
 
 
 def _descent(A: Arith, x, w, codes, sumlx, suml2, *, lo, hi, wrap, need_sl2_positive):
   """ggml's in-place coordinate descent over the codes of each group, N_DESCENT_PASSES passes.
 
   A pass that changes nothing leaves the state as it was, so running every pass (instead of
-  C's early `break`) gives the same result.
+  C's early `break`) gives the same result. Each pass is a `lax.scan` over the elements in order
+  (the state is the group's two sums); underflow events are OR-ed elementwise in the carry and
+  reduced to blocks once. w is screened, so w*l*l and (checked) w*x times a code l need no check.
   """
-  n = x.shape[1]
-  wx = A.mul(w, x)
+  xt, ct = jnp.moveaxis(x, 1, 0), jnp.moveaxis(codes, 1, 0)  # [n, P, nb]
+  wt = A.screen(jnp.moveaxis(w, 1, 0))
+  wx = A.mul(wt, xt)
+
+  def element(carry, xs):
+    sumlx, suml2, events = carry
+    xi, wi, wxi, ci = xs
+    B = A.scratch()
+    li = B.from_int(ci)
+    slx = B.sub(sumlx, B.mul_unchecked(wxi, li))
+    sl2 = B.sub(suml2, B.mul_unchecked(B.mul_unchecked(wi, li), li))
+    propose = (slx > 0) & (sl2 > 0) if need_sl2_positive else (slx > 0)
+    new = B.nearest_int(B.div(B.mul(xi, sl2), slx))
+    new = jnp.minimum(hi, new) if lo is None else clamp(new, lo, hi)
+    propose = propose & (new != ci)
+    nf = B.from_int(new)
+    slx2 = B.add(slx, B.mul_unchecked(wxi, nf))
+    sl22 = B.add(sl2, B.mul_unchecked(B.mul_unchecked(wi, nf), nf))
+    better = B.mul(B.mul(slx2, slx2), suml2) > B.mul(B.mul(sumlx, sumlx), sl22)
+    take = propose & better & (sl22 > 0) if not need_sl2_positive else propose & better
+    events = events | B.take_events(events.shape)
+    carry = (jnp.where(take, slx2, sumlx), jnp.where(take, sl22, suml2), events)
+    return carry, jnp.where(take, wrap(new), ci)
 
   def one_pass(_, carry):
-    codes, sumlx, suml2, flag = carry
-    B = A.fork(flag)
-    cols = [codes[:, i, :] for i in range(n)]
-    for i in range(n):
-      li = B.from_int(cols[i])
-      slx = B.sub(sumlx, B.mul(_at(wx, i), li))
-      sl2 = B.sub(suml2, B.mul(B.mul(_at(w, i), li), li))
-      propose = (slx > 0) & (sl2 > 0) if need_sl2_positive else (slx > 0)
-      new = B.nearest_int(B.div(B.mul(_at(x, i), sl2), slx))
-      new = jnp.minimum(hi, new) if lo is None else clamp(new, lo, hi)
-      propose = propose & (new != cols[i])
-      nf = B.from_int(new)
-      slx2 = B.add(slx, B.mul(_at(wx, i), nf))
-      sl22 = B.add(sl2, B.mul(B.mul(_at(w, i), nf), nf))
-      better = B.mul(B.mul(slx2, slx2), suml2) > B.mul(B.mul(sumlx, sumlx), sl22)
-      take = propose & better & (sl22 > 0) if not need_sl2_positive else propose & better
-      cols[i] = jnp.where(take, wrap(new), cols[i])
-      sumlx = jnp.where(take, slx2, sumlx)
-      suml2 = jnp.where(take, sl22, suml2)
-    return jnp.stack(cols, axis=1), sumlx, suml2, B.flag
+    codes, sumlx, suml2, events = carry
+    (sumlx, suml2, events), codes = lax.scan(element, (sumlx, suml2, events), (xt, wt, wx, codes))
+    return codes, sumlx, suml2, events
 
-  codes, sumlx, suml2, A.flag = lax.fori_loop(0, N_DESCENT_PASSES, one_pass, (codes, sumlx, suml2, A.flag))
-  return codes, sumlx, suml2
+  events = jnp.zeros(sumlx.shape, jnp.bool_)
+  ct, sumlx, suml2, events = lax.fori_loop(0, N_DESCENT_PASSES, one_pass, (ct, sumlx, suml2, events))
+  A.note(events)
+  return jnp.moveaxis(ct, 0, 1), sumlx, suml2
 
 
 def make_q3_quants(A: Arith, x, nmax: int = 4):

@@ -13,12 +13,15 @@ per input shape.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from dq3jax.qtypes import REGISTRY, Family, Kernels, QType, qtype_of
 from dq3jax.quant import legacy
@@ -59,18 +62,36 @@ def _chunk_blocks(chunk_elems: int, block_elems: int) -> int:
 # ------------------------------------------------------------------------------ jit factories
 
 
+def _tiny_in_blocks(v: jax.Array) -> jax.Array:
+  """[be, nb] -> [nb]: blocks holding a nonzero value below SAFE_MAGNITUDE, the inputs the fast
+  path's proof does not cover. Compared as bits: with denormals-are-zero a subnormal compares equal
+  to 0 on the CPU."""
+  mag = lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+  return ((mag != 0) & (mag < jnp.uint32(_SAFE_BITS))).any(axis=0)
+
+
+_SAFE_BITS = int(np.float32(SAFE_MAGNITUDE).view(np.uint32))
+
+
 @functools.cache
 def _fast_quantizer(type_id: int, with_qw: bool, with_sigma2: bool):
   k = _kernels(type_id)
   quantize = k.quantizer()
 
-  def run(x, qw, sigma2, z):  # x [be, nb]
+  def run(x_rows, qw_rows, sigma2, z):  # x_rows [nb, be]: one block per row, as the input lies
+    x = x_rows.T  # [be, nb]: the kernels keep the block axis last
     if k.family is Family.FLOAT:
-      return quantize(x), jnp.zeros((x.shape[-1],), jnp.bool_)
+      return quantize(x).T, jnp.zeros((x.shape[-1],), jnp.bool_)
     A = FastArith(z, x.shape[-1])
+    qw = qw_rows.T if with_qw else None
     extra = {"sigma2": sigma2} if with_sigma2 else {}
-    out = quantize(A, x, qw if with_qw else None, **extra)
-    return out, A.flag
+    out = quantize(A, x, qw, **extra)  # [bb, nb]
+    redo = A.flag | _tiny_in_blocks(x)
+    if with_qw:
+      redo = redo | _tiny_in_blocks(qw)
+    if with_sigma2:
+      redo = redo | _tiny_in_blocks(sigma2[None])
+    return out.T, redo
 
   return jax.jit(run)
 
@@ -136,43 +157,67 @@ def _run_exact(type_id, with_qw, with_sigma2, x, qw, s2) -> np.ndarray:
   return np.concatenate(outs, axis=1)
 
 
-def _quantize_blocks(q: QType, xb: np.ndarray, qwb: np.ndarray | None, s2b: np.ndarray | None):
-  """xb [be, NB] float32 (element-major) -> bytes [NB, bb]."""
-  be, n_blocks = xb.shape
-  with_qw, with_s2 = qwb is not None, s2b is not None
+def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+  return a if a.shape[0] == n else np.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+  """Chunks run concurrently, one per core: XLA:CPU runs these kernels' loops on one thread each."""
+  global _POOL
+  if _POOL is None:
+    _POOL = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="dq3jax")
+  return _POOL
+
+
+def _quantize_blocks(q: QType, x_rows: np.ndarray, qw_tile: np.ndarray | None, s2b: np.ndarray | None):
+  """x_rows [NB, be] float32 (block b = row b) -> bytes [NB, bb].
+
+  qw_tile [bpr, be] holds the importance weights of one row's blocks (block b uses qw_tile[b %
+  bpr]); s2b [NB] the legacy types' per-block row sigma2.
+  """
+  n_blocks, be = x_rows.shape
+  with_qw, with_s2 = qw_tile is not None, s2b is not None
   nbk = _chunk_blocks(_FAST_CHUNK, be)
   fast = _fast_quantizer(q.id, with_qw, with_s2)
-  out = np.empty((n_blocks, q.block_bytes), np.uint8)
-  for s in range(0, n_blocks, nbk):
-    e = min(n_blocks, s + nbk)
-    cx = xb[:, s:e]
-    cq = qwb[:, s:e] if with_qw else None
+  dummy = np.zeros((1,), np.float32)
+
+  def chunk_inputs(s: int, e: int):
+    cq = np.take(qw_tile, np.arange(s, e) % qw_tile.shape[0], axis=0) if with_qw else None
     cs = s2b[s:e] if with_s2 else None
-    res, flag = fast(
-      _pad_cols(cx, nbk),
-      _pad_cols(cq, nbk) if with_qw else np.zeros((1,), np.float32),
-      _pad_cols(cs, nbk) if with_s2 else np.zeros((1,), np.float32),
+    return cq, cs
+
+  def run_fast(s: int):
+    e = min(n_blocks, s + nbk)
+    cq, cs = chunk_inputs(s, e)
+    res, redo = fast(
+      _pad_rows(x_rows[s:e], nbk),
+      _pad_rows(cq, nbk) if with_qw else dummy,
+      _pad_rows(cs, nbk) if with_s2 else dummy,
       _ZERO,
     )
-    res = np.array(res[:, : e - s])
-    if _kernels(q.id).family is not Family.FLOAT:
+    return np.asarray(res)[: e - s], np.asarray(redo)[: e - s]
+
+  out = np.empty((n_blocks, q.block_bytes), np.uint8)
+  starts = range(0, n_blocks, nbk)
+  results = _pool().map(run_fast, starts) if len(starts) > 1 else map(run_fast, starts)
+  for s, (res, redo) in zip(starts, results, strict=True):
+    e = min(n_blocks, s + nbk)
+    out[s:e] = res
+    idx = np.flatnonzero(redo)
+    if idx.size:
       # Blocks that may have underflowed in float32 (or read a tiny input) are redone exactly.
-      redo = np.asarray(flag)[: e - s] | _has_tiny(cx, 0)
-      if with_qw:
-        redo |= _has_tiny(cq, 0)
-      if with_s2:
-        redo |= _has_tiny(cs[None], 0)
-      idx = np.flatnonzero(redo)
-      if idx.size:
-        res[:, idx] = _run_exact(
-          q.id,
-          with_qw,
-          with_s2,
-          cx[:, idx],
-          cq[:, idx] if with_qw else None,
-          cs[idx] if with_s2 else None,
-        )
-    out[s:e] = res.T
+      cq, cs = chunk_inputs(s, e)
+      out[s + idx] = _run_exact(
+        q.id,
+        with_qw,
+        with_s2,
+        np.ascontiguousarray(x_rows[s + idx].T),
+        np.ascontiguousarray(cq[idx].T) if with_qw else None,
+        cs[idx] if with_s2 else None,
+      ).T
   return out
 
 
@@ -199,6 +244,8 @@ def _row_sigma2(x: np.ndarray) -> np.ndarray:
 
 
 def _check_finite(x: np.ndarray, block_elems: int, what: str) -> None:
+  if x.size == 0 or (np.isfinite(x.max()) and np.isfinite(x.min())):  # NaN propagates; no temporaries
+    return
   bad = ~np.isfinite(x)
   if bad.any():
     r, c = np.argwhere(bad)[0]
@@ -276,13 +323,12 @@ def quantize(x, qtype, *, imatrix=None) -> np.ndarray:
   if k.on_host:
     return k.quantizer()(rows_x).reshape(rows, q.row_bytes(n))
   be = q.block_elems
-  xb = np.ascontiguousarray(rows_x.reshape(-1, be).T)  # [be, NB], block b = row b // (n/be)
-  qwb = s2b = None
+  qw_tile = s2b = None
   if qw is not None:
-    qwb = np.ascontiguousarray(np.tile(qw.reshape(-1, be), (rows, 1)).T)
+    qw_tile = qw.reshape(-1, be)
     if k.family is Family.LEGACY:
       s2b = np.repeat(_row_sigma2(rows_x), n // be)
-  out = _quantize_blocks(q, xb, qwb, s2b)
+  out = _quantize_blocks(q, rows_x.reshape(-1, be), qw_tile, s2b)
   return out.reshape(rows, q.row_bytes(n))
 
 

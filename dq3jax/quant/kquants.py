@@ -17,6 +17,7 @@ from dq3jax.quant._arith import (
   clamp,
   first_absmax,
   fp16_round,
+  materialize,
   positive_max,
   seqsum,
   u16_le,
@@ -144,6 +145,7 @@ def q2_k(A: Arith, x, qw=None):
     d_h, d_f = fp16_round(A, dm[0])
     m_h, m_f = fp16_round(A, mm[0])
   codes = _requant_asym(A, xg, d_f, m_f, sbytes & 0xF, sbytes >> 4, codes, 3)
+  codes, sbytes, d_h, m_h = materialize(A.z, (codes, sbytes, d_h, m_h))  # before packing: see materialize
   out = [_u8(sbytes), _pack_2bit(codes.reshape(QK_K, nb)), jnp.stack(u16_le(d_h)), jnp.stack(u16_le(m_h))]
   return jnp.concatenate(out, axis=0)
 
@@ -171,6 +173,7 @@ def q3_k(A: Arith, x, qw=None):
     packed = _pack_q3_scales(Ls[0])
     d_h, d_f = fp16_round(A, d_block[0])
   codes = _requant_sym(A, xg, d_f, _unpack_q3_scales(packed), codes, -4, 3).reshape(QK_K, nb)
+  codes, packed, d_h = materialize(A.z, (codes, packed, d_h))
   high = codes > 3
   low = jnp.where(high, codes - 4, codes)
   hbits = high.astype(jnp.int32).reshape(8, 32, nb)  # element 32k+m -> hmask[m] bit k
@@ -217,6 +220,7 @@ def _q45_k(A: Arith, x, qw, nmax):
   packed = _pack_k4_scales(ls, lm)
   sc, m = _unpack_k4_scales(packed)
   codes = _requant_asym(A, xg, d_f, m_f, sc, m, codes, nmax).reshape(4, 2, 32, nb)  # [chunk, half, l]
+  codes, packed, d_h, m_h = materialize(A.z, (codes, packed, d_h, m_h))
   head = [jnp.stack(u16_le(d_h)), jnp.stack(u16_le(m_h)), _u8(packed)]
   if nmax == 15:
     qs = codes[:, 0] | (codes[:, 1] << 4)
@@ -249,6 +253,7 @@ def q6_k(A: Arith, x, qw=None):
   d_h, d_f = fp16_round(A, A.div(A.c(1), iscale))
   sc = wrap_i8(jnp.minimum(127, A.nearest_int(A.mul(iscale[None, :], scale))))
   codes = _requant_sym(A, xg, d_f, sc, codes, -32, 31).reshape(2, 4, 32, nb)  # [half, k, l]
+  codes, sc, d_h, zero_block = materialize(A.z, (codes, sc, d_h, zero_block))
   ql = jnp.concatenate(
     [(codes[:, 0] & 0xF) | ((codes[:, 2] & 0xF) << 4), (codes[:, 1] & 0xF) | ((codes[:, 3] & 0xF) << 4)],
     axis=1,
@@ -271,6 +276,7 @@ def q8_k(A: Arith, x, qw=None):
   iscale = A.div(A.c(-127), mx)
   q = wrap_i8(jnp.minimum(127, A.nearest_int(A.mul(iscale[None, :], x))))
   q = jnp.where(zero[None, :], 0, q)
+  q, iscale = materialize(A.z, (q, iscale))
   bsums = q.reshape(16, 16, nb).sum(axis=1)  # integer sums: order does not matter
   dbits = jnp.where(zero, jnp.uint32(0), A.to_f32_bits(A.div(A.c(1), iscale)))
   d_bytes = [((dbits >> (8 * k)) & 0xFF).astype(jnp.uint8) for k in range(4)]
