@@ -37,7 +37,7 @@ def make_qx_quants(A: Arith, x, nmax: int, qw=None):
   Returns (scale [P, nb], L [P, n, nb] in 0..2*nmax-1). Groups with max|x| < 1e-15 get 0, 0.
 
   The 19 trial scales depend only on the group's max, so all trials are computed at once as a
-  trial axis ([n, T, P, nb], the element axis leading for the ordered sums' scan); only the
+  trial axis (a scan over the elements in order, each step over [T, P, nb]); only the
   choice among them runs in C's order, on the per-trial sums. No per-element underflow check is
   needed: w is x*x (checked) or screened, codes are 0 or >= 1 in magnitude, so w*x*l and w*l*l
   are 0 or at least the checked w*x and w; iscale*x only feeds nearest_int.
@@ -52,11 +52,17 @@ def make_qx_quants(A: Arith, x, nmax: int, qw=None):
   steps = np.array([s for s in range(-9, 10) if s != 0], dtype=np.float32)
   factors = np.concatenate([[-np.float32(nmax)], -(np.float32(nmax) + np.float32(0.1) * steps)])
   iscale = A.div(jnp.asarray(factors, A.dtype)[:, None, None], mx[None])  # [T, P, nb]
-  l = clamp(A.nearest_int_of_product(iscale[None], xt[:, None]), -nmax, nmax - 1)  # [n, T, P, nb]
-  lf = A.from_int(l)
-  sumlx, suml2 = seqsums(
-    A, [A.mul_unchecked(wx[:, None], lf), A.mul_unchecked(A.mul_unchecked(w[:, None], lf), lf)], axis=0
-  )  # [T, P, nb]
+
+  def element(sums, xs):  # C's element loop, all trials at once: [T, P, nb] per element
+    sumlx, suml2 = sums
+    xi, wi, wxi = xs  # [P, nb]
+    lf = A.from_int(clamp(A.nearest_int_of_product(iscale, xi), -nmax, nmax - 1))
+    sumlx = A.add(sumlx, A.mul_unchecked(wxi, lf))
+    suml2 = A.add(suml2, A.mul_unchecked(A.mul_unchecked(wi, lf), lf))
+    return (sumlx, suml2), None
+
+  zero = jnp.broadcast_to(A.zero(), iscale.shape)
+  (sumlx, suml2), _ = lax.scan(element, (zero, zero), (xt, w, wx))  # [T, P, nb]
 
   scale = jnp.where(suml2[0] != 0, A.div(sumlx[0], suml2[0]), A.c(0))
   best = A.mul(scale, sumlx[0])
@@ -170,20 +176,43 @@ def make_qkx_quants(
   degenerate = (mx <= mn) if degenerate_le else (mx == mn)
   mn_start = mn
 
-  def weighted_error(B, scale, m, lf):
-    """C: err += w * f((scale*L + min) - x), f = |.| (use_mad) or square, in element order."""
-    diff = B.sub(B.add(B.mul_unchecked(scale, lf), m), x)
-    f = jnp.abs(diff) if use_mad else B.mul_unchecked(diff, diff)
-    err = B.mul_unchecked(w, f)
-    return seqsum(B, err, axis=0), B.product_underflow(err, w_nonzero, diff)
+  def weighted_error(B, scale, m, codes):
+    """C: err += w * f((scale*L + min) - x), f = |.| (use_mad) or square, in element order.
 
-  def codes_for(B, iscale, m):
-    return clamp(B.nearest_int_of_product(iscale, B.sub(x, m)), 0, nmax)
+    Returns the error [P, nb] and the events [P, nb] of its one checked product per element."""
+
+    def element(carry, xs):
+      err, events = carry
+      xi, wi, wnz, li = xs
+      diff = B.sub(B.add(B.mul_unchecked(scale, B.from_int(li)), m), xi)
+      f = jnp.abs(diff) if use_mad else B.mul_unchecked(diff, diff)
+      term = B.mul_unchecked(wi, f)
+      return (B.add(err, term), events | B.product_underflow(term, wnz, diff)), None
+
+    init = (jnp.broadcast_to(B.zero(), scale.shape), jnp.zeros(scale.shape, jnp.bool_))
+    (err, events), _ = lax.scan(element, init, (x, w, w_nonzero, codes))
+    return err, events
+
+  def trial_sums(B, iscale, m):
+    """The trial's codes and C's sum_l, sum_l2, sum_xl (each from 0, in element order)."""
+
+    def element(sums, xs):
+      sum_l, sum_l2, sum_xl = sums
+      xi, wi = xs
+      li = clamp(B.nearest_int_of_product(iscale, B.sub(xi, m)), 0, nmax)
+      lf = B.from_int(li)
+      wl = B.mul_unchecked(wi, lf)
+      sums = (B.add(sum_l, wl), B.add(sum_l2, B.mul_unchecked(wl, lf)), B.add(sum_xl, B.mul_unchecked(wl, xi)))
+      return sums, li
+
+    zero = jnp.broadcast_to(B.zero(), iscale.shape)
+    sums, codes = lax.scan(element, (zero, zero, zero), (x, w))
+    return codes, sums
 
   iscale = A.div(A.c(nmax), A.sub(mx, mn))
   scale = A.div(A.c(1), iscale)
-  codes = codes_for(A, iscale, mn)
-  best, events = weighted_error(A, scale, mn, A.from_int(codes))
+  codes = clamp(A.nearest_int_of_product(iscale, A.sub(x, mn)), 0, nmax)
+  best, events = weighted_error(A, scale, mn, codes)
 
   # C: (rmin + rdelta*is + nmax) with float32 roundings; precomputed exactly in numpy.
   steps = np.arange(nstep + 1, dtype=np.float32)
@@ -192,17 +221,14 @@ def make_qkx_quants(
   def trial(k, carry):
     codes, scale, mn, best, events, flag = carry
     B = A.fork(flag)
-    l = codes_for(B, B.div(jnp.asarray(factors, B.dtype)[k], B.sub(mx, mn)), mn)
-    lf = B.from_int(l)
-    wl = B.mul_unchecked(w, lf)
-    sum_l, sum_l2, sum_xl = seqsums(B, [wl, B.mul_unchecked(wl, lf), B.mul_unchecked(wl, x)], axis=0)
+    l, (sum_l, sum_l2, sum_xl) = trial_sums(B, B.div(jnp.asarray(factors, B.dtype)[k], B.sub(mx, mn)), mn)
     det = B.sub(B.mul(sum_w, sum_l2), B.mul(sum_l, sum_l))
     t_scale = B.div(B.sub(B.mul(sum_w, sum_xl), B.mul(sum_x, sum_l)), det)
     t_min = B.div(B.sub(B.mul(sum_l2, sum_x), B.mul(sum_l, sum_xl)), det)
     pos = t_min > 0
     t_min = jnp.where(pos, B.c(0), t_min)
     t_scale = jnp.where(pos, B.div(sum_xl, sum_l2), t_scale)
-    cur, ev = weighted_error(B, t_scale, t_min, lf)
+    cur, ev = weighted_error(B, t_scale, t_min, l)
     take = (det > 0) & (cur < best)
     return (
       jnp.where(take, l, codes),

@@ -373,5 +373,5 @@ def dequantize(data, qtype, shape) -> np.ndarray:
       chunk = blocks[s:e]
       if chunk.shape[0] != nbk:
         chunk = np.pad(chunk, [(0, nbk - chunk.shape[0]), (0, 0)])
-      out[s:e] = np.asarray(fn(chunk))[: e - s]
+      out[s:e] = np.asarray(fn(chunk, _ZERO))[: e - s]
   return out.reshape(shape)

@@ -5,6 +5,10 @@ significant bits, the codes at most 8) and every result is a multiple of 2**-24 
 FMA contraction nor flush-to-zero can change a bit; we only keep C's order of operations. The
 exceptions are Q8_K (a float32 scale: its products can round and underflow) and F16, which is
 converted with integer bit operations (F32 and BF16 are bit reinterpretations, done on the host: host.py).
+
+Every kernel takes the blocks and the runtime zero `z` (see _arith.materialize): per-block values
+(the fp16 scale conversions, unpacked sub-block scales) are computed once into memory. Fused into
+the element loop, XLA recomputed them for every element, which made Q4_K 10x slower than ggml.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from dq3jax.quant._arith import ExactArith, f16_bits_to_f32_bits
+from dq3jax.quant._arith import ExactArith, f16_bits_to_f32_bits, materialize
 
 
 def _f16(lo, hi):
@@ -28,7 +32,8 @@ def _f(i):
   return i.astype(jnp.float32)
 
 
-def f16(b):
+def f16(b, z):
+  del z
   h = b.reshape(b.shape[0], -1, 2)
   return _f16(h[..., 0], h[..., 1])
 
@@ -43,28 +48,28 @@ def _q5_codes(qh_bytes, qs):
   return _nibbles(qs) | (hbit << 4)
 
 
-def q4_0(b):
-  d = _f16(b[:, 0], b[:, 1])
+def q4_0(b, z):
+  d = materialize(z, _f16(b[:, 0], b[:, 1]))
   return _f(_nibbles(b[:, 2:]) - 8) * d[:, None]
 
 
-def q4_1(b):
-  d, m = _f16(b[:, 0], b[:, 1]), _f16(b[:, 2], b[:, 3])
+def q4_1(b, z):
+  d, m = materialize(z, (_f16(b[:, 0], b[:, 1]), _f16(b[:, 2], b[:, 3])))
   return _f(_nibbles(b[:, 4:])) * d[:, None] + m[:, None]
 
 
-def q5_0(b):
-  d = _f16(b[:, 0], b[:, 1])
+def q5_0(b, z):
+  d = materialize(z, _f16(b[:, 0], b[:, 1]))
   return _f(_q5_codes(b[:, 2:6], b[:, 6:]) - 16) * d[:, None]
 
 
-def q5_1(b):
-  d, m = _f16(b[:, 0], b[:, 1]), _f16(b[:, 2], b[:, 3])
+def q5_1(b, z):
+  d, m = materialize(z, (_f16(b[:, 0], b[:, 1]), _f16(b[:, 2], b[:, 3])))
   return _f(_q5_codes(b[:, 4:8], b[:, 8:])) * d[:, None] + m[:, None]
 
 
-def q8_0(b):
-  d = _f16(b[:, 0], b[:, 1])
+def q8_0(b, z):
+  d = materialize(z, _f16(b[:, 0], b[:, 1]))
   return _f(_i8(b[:, 2:])) * d[:, None]
 
 
@@ -76,16 +81,17 @@ def _unpack_2bit(qs):
   return ((q >> shifts) & 3).reshape(nb, 256)
 
 
-def q2_k(b):
+def q2_k(b, z):
   sc = b[:, :16].astype(jnp.int32)
   d, dmin = _f16(b[:, 80], b[:, 81]), _f16(b[:, 82], b[:, 83])
   dl = d[:, None] * _f(sc & 0xF)  # [nb, 16]
   ml = dmin[:, None] * _f(sc >> 4)
+  dl, ml = materialize(z, (dl, ml))
   q = _f(_unpack_2bit(b[:, 16:80])).reshape(-1, 16, 16)
   return (dl[:, :, None] * q - ml[:, :, None]).reshape(-1, 256)
 
 
-def q3_k(b):
+def q3_k(b, z):
   nb = b.shape[0]
   hm = b[:, :32].astype(jnp.int32)
   s = b[:, 96:108].astype(jnp.int32)
@@ -94,7 +100,7 @@ def q3_k(b):
   for j in range(16):
     low = s[:, j] & 0xF if j < 8 else s[:, j - 8] >> 4
     scales.append((low | (((s[:, 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32)
-  dl = d[:, None] * _f(jnp.stack(scales, axis=1))  # [nb, 16]
+  dl = materialize(z, d[:, None] * _f(jnp.stack(scales, axis=1)))  # [nb, 16]
   low2 = _unpack_2bit(b[:, 32:96])
   hbit = ((hm.reshape(nb, 1, 32) >> jnp.arange(8).reshape(1, 8, 1)) & 1).reshape(nb, 256)
   q = low2 - jnp.where(hbit != 0, 0, 4)
@@ -102,44 +108,49 @@ def q3_k(b):
 
 
 def _k4_scales(s):
-  sc, m = [], []
-  for j in range(8):
-    if j < 4:
-      sc.append(s[:, j] & 63)
-      m.append(s[:, j + 4] & 63)
-    else:
-      sc.append((s[:, j + 4] & 0xF) | ((s[:, j - 4] >> 6) << 4))
-      m.append((s[:, j + 4] >> 4) | ((s[:, j] >> 6) << 4))
-  return jnp.stack(sc, axis=1), jnp.stack(m, axis=1)
+  """The 12 packed scale bytes [nb, 12] -> six-bit scales and mins [nb, 8] each (sub-block j).
+
+  Sub-blocks 0-3 sit in the low six bits of bytes 0-3 (mins 4-7); 4-7 take a nibble of bytes
+  8-11 and the top two bits of bytes 0-3 (mins 4-7). Written as whole-column ops: a per-j stack
+  made XLA rebuild the eight-way choice for every output element.
+  """
+  lo_sc, lo_m, nib = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+  sc = jnp.concatenate([lo_sc & 63, (nib & 0xF) | ((lo_sc >> 6) << 4)], axis=1)
+  m = jnp.concatenate([lo_m & 63, (nib >> 4) | ((lo_m >> 6) << 4)], axis=1)
+  return sc, m
 
 
-def _q45(b, codes):
+_HALF_SHIFT = jnp.array([0, 4], dtype=jnp.int32).reshape(1, 1, 2, 1)  # [., chunk, half, l]
+
+
+def _q45(b, z, codes):
+  """codes [nb, 4, 2, 32] (chunk c, half h, element l; sub-block 2c + h) -> [nb, 256]."""
+  nb = b.shape[0]
   d, dmin = _f16(b[:, 0], b[:, 1]), _f16(b[:, 2], b[:, 3])
   sc, m = _k4_scales(b[:, 4:16].astype(jnp.int32))
-  d1 = d[:, None] * _f(sc)
-  m1 = dmin[:, None] * _f(m)
-  return (d1[:, :, None] * _f(codes).reshape(-1, 8, 32) - m1[:, :, None]).reshape(-1, 256)
+  d1 = (d[:, None] * _f(sc)).reshape(nb, 4, 2, 1)
+  m1 = (dmin[:, None] * _f(m)).reshape(nb, 4, 2, 1)
+  d1, m1 = materialize(z, (d1, m1))
+  return (d1 * _f(codes) - m1).reshape(nb, 256)
 
 
 def _q4_k_codes(qs):
-  nb = qs.shape[0]
-  q = qs.reshape(nb, 4, 1, 32).astype(jnp.int32)
-  return jnp.concatenate([q & 0xF, q >> 4], axis=2).reshape(nb, 256)
+  """qs [nb, 128]: chunk c's 32 bytes hold its first 32 codes in the low nibbles, the next 32 high."""
+  return (qs.reshape(qs.shape[0], 4, 1, 32).astype(jnp.int32) >> _HALF_SHIFT) & 0xF
 
 
-def q4_k(b):
-  return _q45(b, _q4_k_codes(b[:, 16:144]))
+def q4_k(b, z):
+  return _q45(b, z, _q4_k_codes(b[:, 16:144]))
 
 
-def q5_k(b):
+def q5_k(b, z):
   nb = b.shape[0]
   qh = b[:, 16:48].astype(jnp.int32).reshape(nb, 1, 1, 32)
-  shifts = jnp.arange(8).reshape(4, 2)[None, :, :, None]  # chunk c: bits 2c, 2c+1
-  hbit = ((qh >> shifts) & 1).reshape(nb, 256)
-  return _q45(b, _q4_k_codes(b[:, 48:176]) | (hbit << 4))
+  shifts = jnp.arange(8, dtype=jnp.int32).reshape(1, 4, 2, 1)  # chunk c, half h: bit 2c + h of qh[l]
+  return _q45(b, z, _q4_k_codes(b[:, 48:176]) | (((qh >> shifts) & 1) << 4))
 
 
-def q6_k(b):
+def q6_k(b, z):
   nb = b.shape[0]
   ql = b[:, :128].astype(jnp.int32).reshape(nb, 2, 2, 32)  # [half, lo/hi 32, l]
   qh = b[:, 128:192].astype(jnp.int32).reshape(nb, 2, 32)
@@ -148,14 +159,15 @@ def q6_k(b):
   low = [ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4]  # k = 0..3
   q = jnp.stack([low[k] | (((qh >> (2 * k)) & 3) << 4) for k in range(4)], axis=2) - 32  # [nb,2,4,32]
   q = _f(q.reshape(nb, 16, 16))
-  return ((d[:, None] * _f(sc))[:, :, None] * q).reshape(nb, 256)
+  dl = materialize(z, d[:, None] * _f(sc))  # [nb, 16]
+  return (dl[:, :, None] * q).reshape(nb, 256)
 
 
-def q8_k(b):
+def q8_k(b, z):
   # The float32 scale can be anything, so do the product exactly and round to float32 by hand.
   nb = b.shape[0]
   dbits = sum(b[:, k].astype(jnp.uint32) << (8 * k) for k in range(4))
   q = _i8(b[:, 4:260])
-  A = ExactArith(jnp.int32(0), nb)  # the caller enables x64 for this kernel
+  A = ExactArith(z, nb)  # the caller enables x64 for this kernel
   v = A.round32(A.from_f32_bits(dbits)[:, None] * q.astype(jnp.float64))
   return lax.bitcast_convert_type(A.to_f32_bits(v), jnp.float32)
