@@ -84,8 +84,7 @@ def make_qx_quants(A: Arith, x, nmax: int, qw=None):
 def _descent(A: Arith, x, w, codes, sumlx, suml2, *, lo, hi, wrap, need_sl2_positive):
   """ggml's in-place coordinate descent over the codes of each group, N_DESCENT_PASSES passes.
 
-  A pass that changes nothing leaves the state as it was, so running every pass (instead of
-  C's early `break`) gives the same result. Each pass is a `lax.scan` over the elements in order
+  Each pass is a `lax.scan` over the elements in order
   (the state is the group's two sums); underflow events are OR-ed elementwise in the carry and
   reduced to blocks once. w is screened, so w*l*l and (checked) w*x times a code l need no check.
   """
@@ -94,7 +93,7 @@ def _descent(A: Arith, x, w, codes, sumlx, suml2, *, lo, hi, wrap, need_sl2_posi
   wx = A.mul(wt, xt)
 
   def element(carry, xs):
-    sumlx, suml2, events = carry
+    sumlx, suml2, events, changed = carry
     xi, wi, wxi, ci = xs
     B = A.scratch()
     li = B.from_int(ci)
@@ -110,16 +109,25 @@ def _descent(A: Arith, x, w, codes, sumlx, suml2, *, lo, hi, wrap, need_sl2_posi
     better = B.mul(B.mul(slx2, slx2), suml2) > B.mul(B.mul(sumlx, sumlx), sl22)
     take = propose & better & (sl22 > 0) if not need_sl2_positive else propose & better
     events = events | B.take_events(events.shape)
-    carry = (jnp.where(take, slx2, sumlx), jnp.where(take, sl22, suml2), events)
+    carry = (jnp.where(take, slx2, sumlx), jnp.where(take, sl22, suml2), events, changed | take)
     return carry, jnp.where(take, wrap(new), ci)
 
-  def one_pass(_, carry):
-    codes, sumlx, suml2, events = carry
-    (sumlx, suml2, events), codes = lax.scan(element, (sumlx, suml2, events), (xt, wt, wx, codes))
-    return codes, sumlx, suml2, events
+  def one_pass(carry):
+    k, _, codes, sumlx, suml2, events = carry
+    none = jnp.zeros(sumlx.shape, jnp.bool_)
+    (sumlx, suml2, events, changed), codes = lax.scan(
+      element, (sumlx, suml2, events, none), (xt, wt, wx, codes)
+    )
+    return k + 1, changed.any(), codes, sumlx, suml2, events
+
+  def more(carry):
+    # C stops a group after a pass that changed none of its codes; such a pass changes nothing
+    # if repeated, so stopping once no group of the chunk changed is exact, and usually early.
+    return (carry[0] < N_DESCENT_PASSES) & carry[1]
 
   events = jnp.zeros(sumlx.shape, jnp.bool_)
-  ct, sumlx, suml2, events = lax.fori_loop(0, N_DESCENT_PASSES, one_pass, (ct, sumlx, suml2, events))
+  init = (jnp.int32(0), jnp.bool_(True), ct, sumlx, suml2, events)
+  _, _, ct, sumlx, suml2, events = lax.while_loop(more, one_pass, init)
   A.note(events)
   return jnp.moveaxis(ct, 0, 1), sumlx, suml2
 

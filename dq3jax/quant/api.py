@@ -25,7 +25,7 @@ from jax import lax
 
 from dq3jax.qtypes import REGISTRY, Family, Kernels, QType, qtype_of
 from dq3jax.quant import legacy
-from dq3jax.quant._arith import SAFE_MAGNITUDE, ExactArith, FastArith
+from dq3jax.quant._arith import SAFE_MAGNITUDE, ExactArith, FastArith, materialize
 
 
 def _check_kernels_resolve() -> None:
@@ -82,8 +82,11 @@ def _fast_quantizer(type_id: int, with_qw: bool, with_sigma2: bool):
     x = x_rows.T  # [be, nb]: the kernels keep the block axis last
     if k.family is Family.FLOAT:
       return quantize(x).T, jnp.zeros((x.shape[-1],), jnp.bool_)
+    # Transposed once into memory: fused into the kernel, the transpose was re-read with strides by
+    # every consumer of x (Q5_1 ran at half speed).
+    x = materialize(z, x)
     A = FastArith(z, x.shape[-1])
-    qw = qw_rows.T if with_qw else None
+    qw = materialize(z, qw_rows.T) if with_qw else None
     extra = {"sigma2": sigma2} if with_sigma2 else {}
     out = quantize(A, x, qw, **extra)  # [bb, nb]
     redo = A.flag | _tiny_in_blocks(x)
