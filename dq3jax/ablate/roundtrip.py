@@ -1,6 +1,6 @@
 """A model as llama.cpp would run it after quantization, without writing a GGUF file.
 
-For every tensor of the recipe's plan the bytes come from the same `TensorJob.produce()` that
+For every tensor of the recipe's plan the bytes come from the same `TensorJob` pieces that
 `dq3jax quantize` writes (so the same ggml bytes), and are dequantized with `dq3jax.dequantize` exactly as
 `dq3jax.io.gguf_read.load` reads them back; the params pytree is rebuilt with the same mapping. The result is
 bit-identical to writing the GGUF and loading it (tested), minus the file.
@@ -103,6 +103,20 @@ def prepare(
   return Prepared(recipe=r, plan=plan, jobs=tuple(make_jobs(source, plan, imatrix=imatrix)))
 
 
+def _dequantized(job) -> np.ndarray:
+  """The job's tensor in float32 [n_elements], dequantized piece by piece as the quantizer yields them: peak
+  memory is the float32 result and one piece, not also the whole tensor's bytes."""
+  ne0 = job.ne[0]
+  row_bytes = job.qtype.row_bytes(ne0)
+  out = np.empty(job.n_elements, np.float32)
+  pos = 0
+  for piece in job.checked_pieces():
+    rows = piece.size // row_bytes
+    out[pos : pos + rows * ne0] = dq3jax.dequantize(piece, job.qtype, (rows, ne0)).reshape(-1)
+    pos += rows * ne0
+  return out
+
+
 def build_params(prepared: Prepared, *, cache: TensorCache | None = None) -> dict:
   """Run the jobs and dequantize: the float32 params pytree a GGUF of this plan loads as."""
   cfg = prepared.plan.dims  # only for the layer count
@@ -110,7 +124,7 @@ def build_params(prepared: Prepared, *, cache: TensorCache | None = None) -> dic
   for job in prepared.jobs:
     a = cache.get(job.name, job.qtype.name) if cache is not None else None
     if a is None:
-      a = dq3jax.dequantize(job.produce(), job.qtype, gguf_layout.torch_shape(job.ne))  # torch layout
+      a = _dequantized(job).reshape(gguf_layout.torch_shape(job.ne))  # torch layout
       if cache is not None:
         cache.put(job.name, job.qtype.name, a)
     built.add(job.name, a)

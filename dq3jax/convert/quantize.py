@@ -166,7 +166,7 @@ def make_jobs(
         name=t.name,
         ne=t.ne,
         qtype=q,
-        produce=_producer(source, t.name, t.ne, q, rows_imat, result, on_result),
+        pieces=_producer(source, t.name, t.ne, q, rows_imat, result, on_result),
       )
     )
   return jobs
@@ -198,27 +198,23 @@ def _imatrix_rows(imatrix: Imatrix | None, t, ty: str, recipe: Recipe, cfg) -> n
 
 
 def _producer(source, name, ne, q: QType, rows_imat, result: TensorResult, on_result):
-  def produce() -> np.ndarray:
-    # Filled in place: peak memory is this buffer, one slice of float32 input and one chunk of scratch.
-    rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
-    data = np.empty(rows * q.row_bytes(ne[0]), np.uint8)
-    pos = 0
+  def pieces():
+    # One row chunk at a time: peak memory is one slice of float32 input and one chunk of bytes and scratch,
+    # whatever the tensor's size (a [256, 2048, 7168] expert tensor is 15 GB in float32).
+    total = 0
     for k, x in enumerate(slices(source, name, ne)):
       x = x.reshape(-1, ne[0])
       im = None if rows_imat is None else rows_imat[k]
       step = max(1, CHUNK_ELEMS // ne[0])
       for s in range(0, x.shape[0], step):
         b = dq3jax.quantize(x[s : s + step], q, imatrix=im).reshape(-1)
-        data[pos : pos + b.size] = b
-        pos += b.size
+        total += b.size
+        yield b
       del x
-    if pos != data.size:
-      raise ValueError(f"{name}: produced {pos} bytes, expected {data.size}")
     if on_result is not None:
-      on_result(dataclasses.replace(result, bytes=int(data.size)))
-    return data
+      on_result(dataclasses.replace(result, bytes=int(total)))
 
-  return produce
+  return pieces
 
 
 def plan_for(cfg, recipe: Recipe, rules: str, layout: str) -> Plan:

@@ -1,7 +1,8 @@
 """Atomic, streaming GGUF writing through gguf-py's GGUFWriter.
 
 All tensor infos (name, ne, type, size) are declared up front, then each tensor's bytes are produced and written
-one at a time, so peak memory is one tensor, not the model. The file is written under a temporary name in the
+one at a time, so peak memory is one tensor, not the model; a job that yields its bytes in pieces (`pieces`) is
+written piece by piece, so its peak is one piece. The file is written under a temporary name in the
 destination directory and moved into place with os.replace only after the last byte is flushed and synced: an
 interrupted (Ctrl-C, SIGTERM) or failing run leaves the destination as it was (absent, or the previous file)
 and no temp file.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -23,12 +24,18 @@ from dq3jax.qtypes import QType
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TensorJob:
-  """One tensor to write: its bytes come from `produce()` (uint8, exactly `nbytes` long) when its turn comes."""
+  """One tensor to write, exactly `nbytes` of uint8 when its turn comes: from `produce()` (the whole tensor at
+  once) or from `pieces()` (consecutive parts of whole rows, in order). Exactly one of the two is given."""
 
   name: str
   ne: tuple[int, ...]  # ggml order
   qtype: QType
-  produce: Callable[[], np.ndarray]
+  produce: Callable[[], np.ndarray] | None = None
+  pieces: Callable[[], Iterator[np.ndarray]] | None = None
+
+  def __post_init__(self):
+    if (self.produce is None) == (self.pieces is None):
+      raise TypeError(f"TensorJob {self.name}: give exactly one of produce and pieces")
 
   @property
   def n_elements(self) -> int:
@@ -38,6 +45,49 @@ class TensorJob:
   def nbytes(self) -> int:
     rows = int(np.prod(self.ne[1:], dtype=np.int64)) if len(self.ne) > 1 else 1
     return rows * self.qtype.row_bytes(self.ne[0])
+
+  def data(self) -> np.ndarray:
+    """The whole tensor's bytes in one array (pieces are copied into one buffer as they come)."""
+    if self.produce is not None:
+      return np.ascontiguousarray(self.produce(), dtype=np.uint8).reshape(-1)
+    out = np.empty(self.nbytes, np.uint8)
+    pos = 0
+    for piece in self.checked_pieces():
+      out[pos : pos + piece.size] = piece
+      pos += piece.size
+    return out
+
+  def checked_pieces(self, where: str = "") -> Iterator[np.ndarray]:
+    """The bytes in order (one piece for a `produce` job), each a whole number of rows; raises, naming the
+    tensor, when they do not add up to `nbytes`."""
+    row_bytes = self.qtype.row_bytes(self.ne[0])
+    pos = 0
+    for piece in self.pieces() if self.pieces is not None else iter([self.produce()]):
+      piece = np.ascontiguousarray(piece, dtype=np.uint8).reshape(-1)
+      pos += piece.size
+      if pos > self.nbytes:
+        break
+      if piece.size % row_bytes:
+        raise ValueError(
+          f"{where}tensor {self.name}: a piece of {piece.size} bytes is not whole rows of {row_bytes}"
+        )
+      yield piece
+    if pos != self.nbytes:
+      raise ValueError(
+        f"{where}tensor {self.name}: produced {'more than ' if pos > self.nbytes else ''}{pos} bytes, "
+        f"{self.qtype.name} ne {list(self.ne)} needs {self.nbytes}"
+      )
+
+
+class _StreamedTensor:
+  """What GGUFWriter.write_tensor_data needs of an array (nbytes, tofile), written piece by piece."""
+
+  def __init__(self, job: TensorJob, where: str):
+    self.job, self.where, self.nbytes = job, where, job.nbytes
+
+  def tofile(self, fp) -> None:
+    for piece in self.job.checked_pieces(self.where):
+      fp.write(memoryview(piece))
 
 
 def write_gguf(
@@ -79,13 +129,16 @@ def write_gguf(
       with bar:
         for j in jobs:
           bar.set_postfix_str(f"{j.name} {j.qtype.name}", refresh=False)
-          data = np.ascontiguousarray(j.produce(), dtype=np.uint8).reshape(-1)
-          if data.size != j.nbytes:
-            raise ValueError(
-              f"{path}: tensor {j.name}: produced {data.size} bytes, {j.qtype.name} ne {list(j.ne)} needs {j.nbytes}"
-            )
-          w.write_tensor_data(data)
-          del data  # before the next tensor is produced
+          if j.pieces is not None:
+            w.write_tensor_data(_StreamedTensor(j, f"{path}: "))
+          else:
+            data = np.ascontiguousarray(j.produce(), dtype=np.uint8).reshape(-1)
+            if data.size != j.nbytes:
+              raise ValueError(
+                f"{path}: tensor {j.name}: produced {data.size} bytes, {j.qtype.name} ne {list(j.ne)} needs {j.nbytes}"
+              )
+            w.write_tensor_data(data)
+            del data  # before the next tensor is produced
           bar.update(j.n_elements)
           if on_written is not None:
             on_written(j)

@@ -22,6 +22,12 @@ produce a subnormal; and sqrt only grows small values. A block with no event (an
 below 2**-102, which the driver screens) therefore ran with normal numbers only, where FTZ/DAZ
 change nothing, and its bytes are C's.
 
+Where a check cannot fire, a kernel may skip it (`mul_unchecked`, `nearest_int_of_product`), stating
+the proof at the call site: a value already screened or checked (0 or at least SAFE_MAGNITUDE) times an
+integer code (0 or at least 1 in magnitude) is 0 or at least that value; a product that only feeds
+nearest_int yields code 0 whether or not it flushed. In the searches' inner loops the checks cost more
+than the arithmetic, so this is where most of the fast path's speed comes from.
+
 `ExactArith` (float64 holding float32 values): each op is done in float64 and rounded to
 float32 precision by hand (hardware conversion in the normal range, a fixed-quantum rounding in
 the subnormal range), so subnormals are exact and FTZ never triggers. Products of two float32
@@ -348,7 +354,7 @@ def seqsums(A: Arith, terms: list[jax.Array], axis: int, *, from_zero: bool = Tr
   return s
 
 
-_SELECT_CHAIN_MAX = 64  # longer axes (Q8_K's 256) keep argmax: the chain was slower there
+_SELECT_CHAIN_MAX = 64  # longer axes go by groups of 16 (a 256-long chain ran slower than argmax)
 
 
 def first_absmax(x: jax.Array, axis: int):
@@ -362,8 +368,19 @@ def first_absmax(x: jax.Array, axis: int):
   """
   ax = jnp.abs(x)
   ax = jnp.where(jnp.isnan(ax), jnp.zeros_like(ax), ax)
+  n = x.shape[axis]
+  if n > _SELECT_CHAIN_MAX and n % 16 == 0:
+    # Two levels: the first group whose own maximum is the maximum, and its first element attaining it.
+    shape = x.shape[:axis] + (n // 16, 16) + x.shape[axis + 1 :]
+    group_amax, group_mx = first_absmax(x.reshape(shape), axis + 1)
+    amax = jnp.max(group_amax, axis=axis)
+    mx = jnp.zeros_like(amax)
+    for g in reversed(range(n // 16)):
+      at = lax.index_in_dim(group_amax, g, axis, keepdims=False) == amax
+      mx = jnp.where(at, lax.index_in_dim(group_mx, g, axis, keepdims=False), mx)
+    return amax, jnp.where(amax > 0, mx, jnp.zeros_like(mx))
   amax = jnp.max(ax, axis=axis)
-  if x.shape[axis] > _SELECT_CHAIN_MAX:
+  if n > _SELECT_CHAIN_MAX:
     idx = jnp.argmax(ax, axis=axis)
     mx = jnp.take_along_axis(x, jnp.expand_dims(idx, axis), axis=axis).squeeze(axis)
   else:

@@ -103,12 +103,13 @@ def _requant_asym(A: Arith, xg, d_f, dmin_f, sc, m, codes, nmax):
   """l = nearest_int((x + dmin*m)/(d*sc)) for groups whose d*sc != 0; others keep the search codes."""
   dj = A.mul(d_f[None, :], A.from_int(sc))
   dm = A.mul(dmin_f[None, :], A.from_int(m))
+  dj, dm = materialize(A.z, (dj, dm))  # per group, not per element (scale unpacking is a select chain)
   l = clamp(A.nearest_int(A.div(A.add(xg, dm[:, None, :]), dj[:, None, :])), 0, nmax)
   return jnp.where((dj == 0)[:, None, :], codes, l)
 
 
 def _requant_sym(A: Arith, xg, d_f, sc, codes, lo, hi):
-  dj = A.mul(d_f[None, :], A.from_int(sc))
+  dj = materialize(A.z, A.mul(d_f[None, :], A.from_int(sc)))  # per group, not per element
   l = clamp(A.nearest_int(A.div(xg, dj[:, None, :])), lo, hi) - lo
   return jnp.where((dj == 0)[:, None, :], codes, l)
 
