@@ -88,7 +88,9 @@ class FastArith:
   @property
   def flag(self) -> jax.Array:
     for cond in self._pending.values():
-      self._flag = self._flag | _block_any(cond, self.nb)
+      # Into memory first: fused with the kernel's outputs, the per-block reduction imposed its loop
+      # order on them (Q3_K ran 10x slower; see materialize).
+      self._flag = self._flag | _block_any(materialize(self.z, cond), self.nb)
     self._pending = {}
     return self._flag
 

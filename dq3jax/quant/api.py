@@ -88,7 +88,7 @@ def _fast_quantizer(type_id: int, with_qw: bool, with_sigma2: bool):
     A = FastArith(z, x.shape[-1])
     qw = materialize(z, qw_rows.T) if with_qw else None
     extra = {"sigma2": sigma2} if with_sigma2 else {}
-    out = quantize(A, x, qw, **extra)  # [bb, nb]
+    out = materialize(z, quantize(A, x, qw, **extra))  # [bb, nb], packed before it is transposed
     redo = A.flag | _tiny_in_blocks(x)
     if with_qw:
       redo = redo | _tiny_in_blocks(qw)
