@@ -1,11 +1,16 @@
 """Compile time of every kernel: the fast float32 quantizer, the exact float64 one, and the dequantizer.
 
-Each is lowered and compiled by XLA once, at the shapes `dq3jax.quantize` uses (one chunk), with no persistent
-compilation cache; seconds of wall time on this machine.
+Each is lowered and compiled by XLA once, at the shapes `dq3jax.quantize` uses (one chunk), in a fresh child
+process with no persistent compilation cache (in a process that has already run a kernel, XLA returns it from
+memory); seconds of wall time on this machine.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -22,6 +27,21 @@ def _seconds(fn, *args) -> float:
 
 
 def run(types: list[str] | None = None) -> list[dict]:
+  cmd = [sys.executable, "-m", "benchmarks.bench_compile", "--child"]
+  if types:
+    cmd += ["--types", ",".join(types)]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+  results = json.loads(out.strip().splitlines()[-1])
+  for row in results:
+    print(_fmt(row), flush=True)
+  total = {key: sum(r.get(key, 0.0) for r in results) for key in ("fast_s", "exact_s", "dequantize_s")}
+  print(
+    f"| all | | {total['fast_s']:.1f} | {total['exact_s']:.1f} | {total['dequantize_s']:.1f} |", flush=True
+  )
+  return results
+
+
+def _measure(types: list[str] | None) -> list[dict]:
   results = []
   for q in computable():
     k = q.kernels
@@ -70,5 +90,13 @@ HEADER = (
 )
 
 if __name__ == "__main__":
-  print(HEADER)
-  run()
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--types", default=None)
+  ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  a = ap.parse_args()
+  types = a.types.split(",") if a.types else None
+  if a.child:
+    print(json.dumps(_measure(types)))
+  else:
+    print(HEADER)
+    run(types)

@@ -8,7 +8,8 @@ blocks it flags (underflow; see _arith.py) in the exact float64 arithmetic, and 
 back in row order.
 
 Inputs are processed in fixed-size chunks, so a kernel compiles once per (type, mode), not once
-per input shape.
+per input shape; the chunks of one call run on a thread per core, and peak memory is the input, the
+output and a chunk's scratch per thread (a caller that streams, like the converter, passes row chunks).
 """
 
 from __future__ import annotations

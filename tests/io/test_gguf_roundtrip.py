@@ -153,9 +153,10 @@ def test_unrepresentable_config_is_refused(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-def test_streaming_peak_memory_is_about_two_tensors(tmp_path, monkeypatch):
+def test_streaming_peak_memory_is_about_one_tensor(tmp_path, monkeypatch):
   # The embedding and lm_head (vocab 16384 x 64, 4 MiB each in float32) dominate; streaming keeps the traced
-  # numpy peak near one tensor read from the checkpoint plus its output buffer, whatever the model size.
+  # numpy peak near the one tensor read from the checkpoint: its bytes are written chunk by chunk, with no
+  # whole-tensor output buffer, whatever the model size.
   import tracemalloc
 
   from dq3jax.convert import quantize as qmod
@@ -173,8 +174,8 @@ def test_streaming_peak_memory_is_about_two_tensors(tmp_path, monkeypatch):
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
-  # Measured 2.5x: the float32 input, the output buffer and quantizer scratch.
-  assert peak < 3 * largest, peak / largest
+  # Measured 1.36x: the float32 input and chunk scratch. Holding the whole output as well measured 2.5x.
+  assert peak < 1.75 * largest, peak / largest
 
 
 def test_logits_from_gguf_equal_logits_from_params(tiny, tmp_path):

@@ -98,18 +98,10 @@ def test_dequantize_checks_byte_count_and_shape():
   assert dq3jax.dequantize(bytes(data), "Q4_K", 512).shape == (512,)
 
 
-# The float64 exact path costs 10-90 s of compilation per type on 2 cores (7 minutes of CPU for all 20 cases),
-# so the default suite checks it on ordinary blocks for one type of each search (legacy with an imatrix and
-# its row sigma2, Q8_0's plain scale, a k-quant with and without one); the default suite's stress inputs
-# (tiny blocks) and the kernel goldens reach it for every type, and `nox -s crosscheck` runs all 20 cases.
-_EXACT_DEFAULT = {("Q4_0", True), ("Q8_0", False), ("Q2_K", False), ("Q4_K", True)}
+# Every type and mode: compiling all 20 exact kernels takes about 85 s on 2 cores (benchmarks/bench_compile.py;
+# it was 7 CPU-minutes before the kernels' loops became scans, when the default suite ran only four of them).
 _EXACT_CASES = [
-  pytest.param(
-    q.name,
-    with_im,
-    id=f"{q.name}-{'imatrix' if with_im else 'ref'}",
-    marks=() if (q.name, with_im) in _EXACT_DEFAULT else pytest.mark.slow,
-  )
+  pytest.param(q.name, with_im, id=f"{q.name}-{'imatrix' if with_im else 'ref'}")
   for q in computable()
   if q.kernels.family is not Family.FLOAT
   for with_im in ((False, True) if q.uses_imatrix else (False,))
