@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from dq3jax.cli import options
+from dq3jax.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,13 @@ def run(args: argparse.Namespace) -> int:
   logits = runner.logits(params, tokens, cfg, dtype=args.dtype, form=AttnForm(args.form))
   # numpy has no bfloat16; float32 holds it exactly. float64 stays float64: narrowing it would lose its point.
   logits = np.asarray(logits, np.float64 if args.dtype == "float64" else np.float32)
-  np.save(args.out, logits)
+  out = (
+    args.out if str(args.out).endswith(".npy") else f"{args.out}.npy"
+  )  # where np.save(args.out) would write
+  with atomic_path(out) as tmp, open(tmp, "wb") as f:
+    np.save(f, logits)
   bad = int(logits.size - np.count_nonzero(np.isfinite(logits)))
   if bad:
     print(f"dq3jax logits: WARNING: {bad} of {logits.size} logits are NaN or Inf", file=sys.stderr)
-  log.info("wrote %s %s", args.out, logits.shape)
+  log.info("wrote %s %s", out, logits.shape)
   return 0

@@ -47,6 +47,27 @@ def test_logits_command(checkpoint, dtype):
   np.testing.assert_array_equal(got, want.astype(stored))
 
 
+def test_logits_file_is_written_atomically_with_numpys_suffix(checkpoint, tmp_path):
+  root, cfg, params, tokens = checkpoint
+  argv = [str(root / "model"), "--tokens", str(root / "tokens.npy"), "--out", str(tmp_path / "logits")]
+  assert cli.main(["logits", *argv, "--no-progress"]) == 0
+  assert sorted(os.listdir(tmp_path)) == ["logits.npy"]  # the .npy np.save adds; no temp file left
+  np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), runner.logits(params, tokens, cfg))
+
+
+def test_failed_logits_write_leaves_no_file(checkpoint, tmp_path, monkeypatch):
+  root, *_ = checkpoint
+
+  def half_then_fail(file, arr):
+    (open(file, "wb") if isinstance(file, (str, os.PathLike)) else file).write(b"\x93NUMPY partial")
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(np, "save", half_then_fail)
+  argv = [str(root / "model"), "--tokens", str(root / "tokens.npy"), "--out", str(tmp_path / "o.npy")]
+  assert cli.main(["logits", *argv, "--no-progress"]) == 2
+  assert os.listdir(tmp_path) == []
+
+
 def test_truncated_logits_command(checkpoint):
   root, cfg, params, tokens = checkpoint
   out = root / "small.npy"
