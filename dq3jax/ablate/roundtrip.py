@@ -63,7 +63,7 @@ class TensorCache:
   """(GGUF name, ggml type) -> dequantized float32 array, for one source and one importance matrix.
 
   Whether the imatrix reaches the quantizer depends only on the tensor, its type and the imatrix (see
-  dq3jax.io.imatrix.imatrix_use), so the key is complete as long as a cache is not shared between sources or
+  dq3jax.recipes.imatrix_use), so the key is complete as long as a cache is not shared between sources or
   importance matrices. Holding every array costs one float32 copy of a tensor per distinct type it gets;
   `max_bytes` bounds it (arrays beyond the bound are recomputed when asked for again).
   """

@@ -24,8 +24,9 @@ import dq3jax
 from dq3jax.convert.sources import WeightSource, slices
 from dq3jax.io import gguf_layout, gguf_meta
 from dq3jax.io.gguf_write import TensorJob, write_gguf
-from dq3jax.io.imatrix import Imatrix, imatrix_use
+from dq3jax.io.imatrix import Imatrix
 from dq3jax.qtypes import QType, qtype_of
+from dq3jax.recipes.imatrix_use import imatrix_use
 from dq3jax.recipes.plan import Plan, make_plan
 from dq3jax.recipes.recipe_file import resolve_recipe
 from dq3jax.recipes.rules import Recipe, RecipeError

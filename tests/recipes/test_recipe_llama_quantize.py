@@ -10,8 +10,9 @@ import gguf
 import numpy as np
 import pytest
 
-from dq3jax.io.imatrix import imatrix_use, read_imatrix, write_gguf
+from dq3jax.io.imatrix import read_imatrix, write_gguf
 from dq3jax.recipes.builtin import PRESETS
+from dq3jax.recipes.imatrix_use import imatrix_use
 from dq3jax.recipes.inventory import dims_from_config, inventory
 from dq3jax.recipes.plan import plan_from_config
 from dq3jax.recipes.recipe_file import resolve_recipe
