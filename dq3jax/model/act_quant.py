@@ -54,6 +54,7 @@ from jax import lax
 
 from dq3jax.model import undecided
 from dq3jax.qtypes import REGISTRY, GGMLType, qtype_of
+from dq3jax.quant import host
 from dq3jax.quant._arith import f16_bits_to_f32_bits, f32_bits_to_f16_bits
 
 LAYOUTS = ("split", "kv_b")
@@ -150,9 +151,7 @@ def f16(x: jax.Array) -> jax.Array:
 
 def bf16(x: jax.Array) -> jax.Array:
   """ggml's fp32->bf16 (round to nearest even on the bit pattern, NaN forced quiet) and back."""
-  u = lax.bitcast_convert_type(x, jnp.uint32)
-  rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-  h = jnp.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, rounded)
+  h = host.bf16_bits(lax.bitcast_convert_type(x, jnp.uint32), jnp.where)
   return lax.bitcast_convert_type(h << 16, jnp.float32)
 
 

@@ -17,12 +17,18 @@ def quantize_f32(x: np.ndarray) -> np.ndarray:
   return np.array(x, "<f4", copy=True).view(np.uint8)
 
 
-def quantize_bf16(x: np.ndarray) -> np.ndarray:
-  """ggml's reference float32 -> bfloat16: round to nearest even on the bit pattern, NaN forced quiet."""
-  u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+def bf16_bits(u, where=np.where):
+  """ggml's float32 -> bfloat16 on uint32 bit patterns `u`: round to nearest even on the bit pattern, NaN forced
+  quiet; the 16-bit result in the low half. Integer operators only, so the same code serves numpy arrays and
+  (with `where=jnp.where`) jax arrays, as the activation emulation uses it."""
   rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16  # no wrap: the largest non-NaN pattern is 0xFF800000
-  out = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, rounded)
-  return out.astype("<u2").view(np.uint8)
+  return where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 64, rounded)
+
+
+def quantize_bf16(x: np.ndarray) -> np.ndarray:
+  """ggml's reference float32 -> bfloat16 (bf16_bits)."""
+  u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+  return bf16_bits(u).astype("<u2").view(np.uint8)
 
 
 def dequantize_f32(raw: np.ndarray) -> np.ndarray:
