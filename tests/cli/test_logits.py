@@ -239,3 +239,18 @@ def test_gguf_inf_block_scale_is_refused_naming_block_and_bytes(checkpoint, tmp_
   rc, err = _logits([str(path), "--tokens", str(root / "tokens.npy"), "--out", str(out), "--allow-nonfinite"])
   assert rc == 0 and os.path.exists(out)
   assert "WARNING: --allow-nonfinite: 1 weight tensor(s)" in err and "block 9" in err
+
+
+def test_logits_of_a_gguf_are_the_models_on_its_dequantized_weights(checkpoint, tmp_path):
+  """The GGUF branch: `dq3jax logits model.gguf` runs the weights ggml would read (Q4_K_M here), not the source's."""
+  root, cfg, params, tokens = checkpoint
+  path = tmp_path / "q4km.gguf"
+  quantize_to_gguf(ParamsSource(params, cfg), path, "Q4_K_M")
+  out = tmp_path / "o.npy"
+  rc, err = _logits([str(path), "--tokens", str(root / "tokens.npy"), "--out", str(out), "--no-progress"])
+  assert rc == 0, err
+  g_cfg, g_params = gguf_read.load(path)
+  want = runner.logits(g_params, tokens, g_cfg)
+  got = np.load(out)
+  np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(got, runner.logits(params, tokens, cfg))  # quantization moved them
