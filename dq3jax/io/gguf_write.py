@@ -48,8 +48,6 @@ class TensorJob:
 
   def data(self) -> np.ndarray:
     """The whole tensor's bytes in one array (pieces are copied into one buffer as they come)."""
-    if self.produce is not None:
-      return np.ascontiguousarray(self.produce(), dtype=np.uint8).reshape(-1)
     out = np.empty(self.nbytes, np.uint8)
     pos = 0
     for piece in self.checked_pieces():
@@ -58,8 +56,8 @@ class TensorJob:
     return out
 
   def checked_pieces(self, where: str = "") -> Iterator[np.ndarray]:
-    """The bytes in order (one piece for a `produce` job), each a whole number of rows; raises, naming the
-    tensor, when they do not add up to `nbytes`."""
+    """The bytes in order (a `produce` job's whole array as one piece; `pieces` each a whole number of rows);
+    raises, naming the tensor, when they do not add up to `nbytes`."""
     row_bytes = self.qtype.row_bytes(self.ne[0])
     pos = 0
     for piece in self.pieces() if self.pieces is not None else iter([self.produce()]):
@@ -67,20 +65,21 @@ class TensorJob:
       pos += piece.size
       if pos > self.nbytes:
         break
-      if piece.size % row_bytes:
+      if self.pieces is not None and piece.size % row_bytes:
         raise ValueError(
           f"{where}tensor {self.name}: a piece of {piece.size} bytes is not whole rows of {row_bytes}"
         )
       yield piece
     if pos != self.nbytes:
       raise ValueError(
-        f"{where}tensor {self.name}: produced {'more than ' if pos > self.nbytes else ''}{pos} bytes, "
+        f"{where}tensor {self.name}: produced {'at least ' if pos > self.nbytes else ''}{pos} bytes, "
         f"{self.qtype.name} ne {list(self.ne)} needs {self.nbytes}"
       )
 
 
 class _StreamedTensor:
-  """What GGUFWriter.write_tensor_data needs of an array (nbytes, tofile), written piece by piece."""
+  """What GGUFWriter.write_tensor_data needs of an array (nbytes, tofile), written piece by piece: the one
+  path for every job, so byte counts are checked in one place (TensorJob.checked_pieces)."""
 
   def __init__(self, job: TensorJob, where: str):
     self.job, self.where, self.nbytes = job, where, job.nbytes
@@ -129,16 +128,7 @@ def write_gguf(
       with bar:
         for j in jobs:
           bar.set_postfix_str(f"{j.name} {j.qtype.name}", refresh=False)
-          if j.pieces is not None:
-            w.write_tensor_data(_StreamedTensor(j, f"{path}: "))
-          else:
-            data = np.ascontiguousarray(j.produce(), dtype=np.uint8).reshape(-1)
-            if data.size != j.nbytes:
-              raise ValueError(
-                f"{path}: tensor {j.name}: produced {data.size} bytes, {j.qtype.name} ne {list(j.ne)} needs {j.nbytes}"
-              )
-            w.write_tensor_data(data)
-            del data  # before the next tensor is produced
+          w.write_tensor_data(_StreamedTensor(j, f"{path}: "))  # a produce job's array is freed after it
           bar.update(j.n_elements)
           if on_written is not None:
             on_written(j)

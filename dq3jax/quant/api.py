@@ -63,15 +63,15 @@ def _chunk_blocks(chunk_elems: int, block_elems: int) -> int:
 # ------------------------------------------------------------------------------ jit factories
 
 
+_SAFE_BITS = int(np.float32(SAFE_MAGNITUDE).view(np.uint32))
+
+
 def _tiny_in_blocks(v: jax.Array) -> jax.Array:
   """[be, nb] -> [nb]: blocks holding a nonzero value below SAFE_MAGNITUDE, the inputs the fast
   path's proof does not cover. Compared as bits: with denormals-are-zero a subnormal compares equal
   to 0 on the CPU."""
   mag = lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
   return ((mag != 0) & (mag < jnp.uint32(_SAFE_BITS))).any(axis=0)
-
-
-_SAFE_BITS = int(np.float32(SAFE_MAGNITUDE).view(np.uint32))
 
 
 @functools.cache
@@ -116,9 +116,9 @@ def _exact_quantizer(type_id: int, with_qw: bool, with_sigma2: bool):
 
 @functools.cache
 def _sigma2_fns():
-  def fast(x_rows, z):
+  def fast(x_rows, z):  # x_rows [n, R]
     A = FastArith(z, x_rows.shape[-1])
-    return A.to_f32_bits(legacy.row_sigma2(A, x_rows)), A.flag
+    return A.to_f32_bits(legacy.row_sigma2(A, x_rows)), A.flag | _tiny_in_blocks(x_rows)
 
   def exact(x_bits, z):
     A = ExactArith(z, x_bits.shape[-1])
@@ -133,12 +133,6 @@ def _dequantizer(type_id: int):
 
 
 _ZERO = np.int32(0)
-
-
-def _has_tiny(a: np.ndarray, axis: int) -> np.ndarray:
-  """Blocks holding a nonzero value below SAFE_MAGNITUDE: the fast path's proof does not cover them."""
-  mag = np.abs(a)
-  return ((mag < SAFE_MAGNITUDE) & (mag > 0)).any(axis=axis)
 
 
 def _pad_cols(a: np.ndarray, n: int) -> np.ndarray:
@@ -236,7 +230,7 @@ def _row_sigma2(x: np.ndarray) -> np.ndarray:
     xt = _pad_cols(np.ascontiguousarray(x[s:e].T), step)
     b, flag = fast(xt, _ZERO)
     b = np.asarray(b)[: e - s].copy()
-    redo = np.flatnonzero(np.asarray(flag)[: e - s] | _has_tiny(xt[:, : e - s], 0))
+    redo = np.flatnonzero(np.asarray(flag)[: e - s])
     if redo.size:
       with jax.enable_x64(True):
         b[redo] = np.asarray(exact(_pad_cols(xt[:, redo], step).view(np.uint32), _ZERO))[: redo.size]

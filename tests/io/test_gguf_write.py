@@ -38,7 +38,7 @@ def test_pieces_write_the_same_file_as_one_array(tmp_path):
   "pieces, message",
   [
     (lambda b: [b[:5]], "produced 1440 bytes"),
-    (lambda b: [b, b[:1]], "produced more than"),
+    (lambda b: [b, b[:1]], "produced at least"),
     (lambda b: [b.reshape(-1)[:100], b.reshape(-1)[100:]], "not whole rows"),
   ],
 )
@@ -49,6 +49,14 @@ def test_wrong_pieces_name_the_tensor_and_leave_no_file(tmp_path, pieces, messag
   with pytest.raises(ValueError, match=message) as e:
     write_gguf(path, lambda w: None, [job])
   assert "blk.0.ffn_down.weight" in str(e.value)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_a_whole_array_of_the_wrong_size_names_the_tensor(tmp_path):
+  b = _bytes()
+  job = TensorJob(name="t", ne=NE, qtype=Q4_K, produce=lambda: b.reshape(-1)[:-7])
+  with pytest.raises(ValueError, match=r"tensor t: produced 3449 bytes, Q4_K ne \[512, 12\] needs 3456"):
+    write_gguf(tmp_path / "bad.gguf", lambda w: None, [job])
   assert list(tmp_path.iterdir()) == []
 
 
