@@ -150,8 +150,7 @@ class FastArith:
   def product_underflow(self, r, a, b):
     """Where r = a*b (or a*f(b), f keeping zero and nonzero apart) is below SAFE_MAGNITUDE with a
     and b nonzero: the event `mul` notes, for a product formed unchecked. Pass it to `note`."""
-    nz = lambda v: v if v.dtype == jnp.bool_ else v != 0  # noqa: E731 (a precomputed `v != 0` may be passed)
-    return (jnp.abs(r) < SAFE_MAGNITUDE) & nz(a) & nz(b)
+    return (jnp.abs(r) < SAFE_MAGNITUDE) & (a != 0) & (b != 0)
 
   def note(self, events: jax.Array) -> None:
     """Flags the blocks of any True element of `events` (block axis last)."""

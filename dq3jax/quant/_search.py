@@ -184,7 +184,6 @@ def make_qkx_quants(
   """
   x = jnp.moveaxis(x, 1, 0)  # [n, P, nb]
   w = A.screen(jnp.moveaxis(w, 1, 0))
-  w_nonzero = w != 0
   wx = A.mul(w, x)  # checked here once: bounds every w*l*x below
   mn, mx = scan_min_max(x, axis=0)
   sum_w, sum_x = seqsums(A, [w, wx], axis=0, from_zero=False)
@@ -199,14 +198,14 @@ def make_qkx_quants(
 
     def element(carry, xs):
       err, events = carry
-      xi, wi, wnz, li = xs
+      xi, wi, li = xs
       diff = B.sub(B.add(B.mul_unchecked(scale, B.from_int(li)), m), xi)
       f = jnp.abs(diff) if use_mad else B.mul_unchecked(diff, diff)
       term = B.mul_unchecked(wi, f)
-      return (B.add(err, term), events | B.product_underflow(term, wnz, diff)), None
+      return (B.add(err, term), events | B.product_underflow(term, wi, diff)), None
 
     init = (jnp.broadcast_to(B.zero(), scale.shape), jnp.zeros(scale.shape, jnp.bool_))
-    (err, events), _ = lax.scan(element, init, (x, w, w_nonzero, codes))
+    (err, events), _ = lax.scan(element, init, (x, w, codes))
     return err, events
 
   def trial_sums(B, iscale, m):
