@@ -7,10 +7,11 @@ modules ask this table; `tests/test_one_table.py` fails if a block size or a ker
 
 Ids are ggml's `enum ggml_type` values, which are also what GGUF files store and what
 `gguf.GGMLQuantizationType` enumerates. Three kinds of entry:
-  * computable types (`kernels` set): dq3jax quantizes and dequantizes them bit-exactly;
-  * size-only storage types (IQ4_NL, the other i-quants, TQ1_0/TQ2_0; `kernels=None`): llama.cpp's shape
-    fallbacks and the published i-quant mixes use them, so planning needs their size, and a GGUF holding them
-    parses (header, sizes, byte comparison), but dq3jax cannot compute with them yet;
+  * computable types (`kernels` with both functions): dq3jax quantizes and dequantizes them bit-exactly;
+  * dequantize-only types (`kernels.quantize` None: the i-quants IQ1_S..IQ3_S): files holding them are read,
+    run and diffed bit-exactly, but dq3jax cannot write them yet;
+  * size-only storage types (TQ1_0/TQ2_0; `kernels=None`): planning knows their size and a GGUF holding them
+    parses (header, sizes, byte comparison), but dq3jax cannot compute with them;
   * activation-only types (`storable=False`): Q8_K (with kernels) and Q8_1 (without), the vec_dot types the
     llama.cpp emulation rounds activations through.
 
@@ -68,7 +69,9 @@ class Family(enum.Enum):
   FLOAT = "float"
   # 32-element blocks (`f(A, x, qw, sigma2=)`): importance-matrix variants also take each row's mean square.
   LEGACY = "legacy"
-  # 256-element super-blocks (`f(A, x, qw)`).
+  # Self-contained blocks (`f(A, x, qw)`): every input a block's bytes depend on lies in the block (its
+  # statistics, such as sigma2, are over the block itself). The k-quants' 256-element super-blocks, IQ4_XS's,
+  # and IQ4_NL's 32-element block (ggml quantizes it as a super-block of one group).
   K = "k"
 
 
@@ -83,7 +86,8 @@ class Kernels:
   """The functions that compute a type, as "module:function" names inside dq3jax.quant."""
 
   family: Family
-  quantize: str  # float32 [block_elems, nb] -> uint8 [block_bytes, nb] (host: float32 rows -> bytes)
+  # float32 [block_elems, nb] -> uint8 [block_bytes, nb] (host: float32 rows -> bytes); None: dequantize only.
+  quantize: str | None
   dequantize: str  # uint8 [nb, block_bytes] -> float32 [nb, block_elems] (host: raw bytes -> float32)
   # Pure bit reinterpretations with numpy on the host: nothing a backend could round differently, and one
   # pass over memory instead of a padded device round trip per chunk.
@@ -96,6 +100,8 @@ class Kernels:
       raise ValueError("only bit conversions (Family.FLOAT) run on the host")
 
   def quantizer(self) -> Callable:
+    if self.quantize is None:
+      raise ValueError("no quantizer")
     return _resolve(self.quantize)
 
   def dequantizer(self) -> Callable:
@@ -130,6 +136,11 @@ class QType:
   @property
   def computable(self) -> bool:
     """Whether dq3jax has kernels for the type (quantize and dequantize)."""
+    return self.kernels is not None and self.kernels.quantize is not None
+
+  @property
+  def dequantizable(self) -> bool:
+    """Whether dq3jax can turn the type's bytes into float32 (what reading and running a file needs)."""
     return self.kernels is not None
 
   @property
@@ -148,6 +159,11 @@ _T, _F = GGMLType, Family
 
 def _k(family: Family, quantize: str, dequantize: str, **kw) -> Kernels:
   return Kernels(family=family, quantize=quantize, dequantize=dequantize, **kw)
+
+
+def _dq(dequantize: str) -> Kernels:
+  # Dequantize-only (no quantizer yet): the block family is the k-quants' self-contained super-block.
+  return Kernels(family=Family.K, quantize=None, dequantize=dequantize)
 
 
 def _q(t, elems, nbytes, imatrix, vec_dot, kernels, storable=True) -> QType:
@@ -184,19 +200,21 @@ REGISTRY: dict[int, QType] = {
         _q(_T.Q6_K,    256, 210, True,  _T.Q8_K, _k(_F.K, "kquants:q6_k", "dequant:q6_k")),
         _q(_T.Q8_K,    256, 292, False, None,    _k(_F.K, "kquants:q8_k", "dequant:q8_k",
                                                       dequantize_x64=True), storable=False),
-        # No kernels. IQ4_NL is the paper-era fallback for Q2_K/Q3_K targets whose rows are not a multiple
-        # of 256; Q8_1 (ggml's block_q8_1: fp16 d and s, 32 int8) is the activation type of Q4_1/Q5_1.
-        _q(_T.IQ4_NL,   32,  18, True,  None,    None),
-        # The i-quant and ternary types of published DeepSeek GGUFs (IQ1_S..IQ4_XS mixes): sized so their
-        # files parse and plan; no kernels yet.
-        _q(_T.IQ2_XXS, 256,  66, True,  None,    None),
-        _q(_T.IQ2_XS,  256,  74, True,  None,    None),
-        _q(_T.IQ3_XXS, 256,  98, True,  None,    None),
-        _q(_T.IQ1_S,   256,  50, True,  None,    None),
-        _q(_T.IQ3_S,   256, 110, True,  None,    None),
-        _q(_T.IQ2_S,   256,  82, True,  None,    None),
-        _q(_T.IQ4_XS,  256, 136, True,  None,    None),
-        _q(_T.IQ1_M,   256,  56, True,  None,    None),
+        # IQ4_NL is the paper-era fallback for Q2_K/Q3_K targets whose rows are not a multiple of 256; its
+        # 32-element block is its own super-block, so it is driven like the k-quants (Family.K).
+        _q(_T.IQ4_NL,   32,  18, True,  _T.Q8_0, _k(_F.K, "iq4:iq4_nl", "dequant:iq4_nl")),
+        # The i-quant and ternary types of published DeepSeek GGUFs (IQ1_S..IQ4_XS mixes): IQ4_XS quantizes,
+        # the other i-quants dequantize only (their vec_dot type is Q8_K, ggml-cpu's type_traits_cpu), the
+        # ternary types are sized only. Q8_1 (ggml's block_q8_1: fp16 d and s, 32 int8) is the activation
+        # type of Q4_1/Q5_1.
+        _q(_T.IQ2_XXS, 256,  66, True,  _T.Q8_K, _dq("iq_dequant:iq2_xxs")),
+        _q(_T.IQ2_XS,  256,  74, True,  _T.Q8_K, _dq("iq_dequant:iq2_xs")),
+        _q(_T.IQ3_XXS, 256,  98, True,  _T.Q8_K, _dq("iq_dequant:iq3_xxs")),
+        _q(_T.IQ1_S,   256,  50, True,  _T.Q8_K, _dq("iq_dequant:iq1_s")),
+        _q(_T.IQ3_S,   256, 110, True,  _T.Q8_K, _dq("iq_dequant:iq3_s")),
+        _q(_T.IQ2_S,   256,  82, True,  _T.Q8_K, _dq("iq_dequant:iq2_s")),
+        _q(_T.IQ4_XS,  256, 136, True,  _T.Q8_K, _k(_F.K, "iq4:iq4_xs", "dequant:iq4_xs")),
+        _q(_T.IQ1_M,   256,  56, True,  _T.Q8_K, _dq("iq_dequant:iq1_m")),
         _q(_T.TQ1_0,   256,  54, False, None,    None),
         _q(_T.TQ2_0,   256,  66, False, None,    None),
         _q(_T.Q8_1,     32,  36, False, None,    None, storable=False),

@@ -87,7 +87,7 @@ def own_model_outputs(gguf_path: str, tokens: np.ndarray, prefill: int | None, i
   batch = tokens[None]  # [1, T]
   out: dict = {"tokens": tokens}
   if intermediates:
-    logits, layers = runner.logits(params, batch, cfg, intermediates=True)
+    logits, layers = runner.logits_and_intermediates(params, batch, cfg)
     out["layers"] = [{k: v for k, v in rec.items() if k in LAYER_KEYS} for rec in layers]
   else:
     logits = runner.logits(params, batch, cfg)

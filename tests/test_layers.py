@@ -11,13 +11,15 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dq3jax"
 
 # `dq3jax` itself (the root package) is the public kernel face: quantize/dequantize/qtype_of.
 ROOT = "quant"
+# Root-level facts every layer may ask: the type registry and the kv_b layouts.
+FACTS = {"qtypes", "layouts"}
 ALLOWED = {
-  "quant": {"qtypes", "quant"},  # kernels know no model, no files, no recipes
-  "model": {"qtypes", "quant", "model"},  # the model knows no files
-  "recipes": {"qtypes", "recipes"},
-  # io.gguf_layout takes the tensor inventory (llama-quantize's visiting order) from recipes: the one upward
-  # edge left, named in issue 11 ("LAYOUTS twice").
-  "io": {"qtypes", "quant", "model", "io", "recipes.inventory"},
+  "quant": FACTS | {"quant"},  # kernels know no model, no files, no recipes
+  "model": FACTS | {"quant", "model"},  # the model knows no files
+  "recipes": FACTS | {"recipes"},  # rules over tensor names: no kernels, no model, no files
+  # Files sit above the model and the recipes' inventory: a GGUF holds the tensors the inventory lists, in its
+  # order (llama-quantize's visiting order). The rules themselves are not the files' business.
+  "io": FACTS | {"quant", "model", "io", "recipes.inventory"},
 }
 
 

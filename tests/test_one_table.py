@@ -128,17 +128,7 @@ def test_registry_is_keyed_by_ggml_id_and_closed_under_vec_dot_type():
   for type_id, q in REGISTRY.items():
     assert type_id == q.id
     assert q.vec_dot_type is None or int(q.vec_dot_type) in REGISTRY
-  size_only = {
-    "IQ4_NL",
-    "IQ2_XXS",
-    "IQ2_XS",
-    "IQ3_XXS",
-    "IQ1_S",
-    "IQ3_S",
-    "IQ2_S",
-    "IQ4_XS",
-    "IQ1_M",
-    "TQ1_0",
-    "TQ2_0",
-  }
-  assert {q.name for q in REGISTRY.values() if q.storable and not q.computable} == size_only
+  dequantize_only = {"IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ3_S", "IQ2_S", "IQ1_M"}
+  size_only = {"TQ1_0", "TQ2_0"}
+  assert {q.name for q in REGISTRY.values() if q.dequantizable and not q.computable} == dequantize_only
+  assert {q.name for q in REGISTRY.values() if q.storable and not q.dequantizable} == size_only

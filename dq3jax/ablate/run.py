@@ -19,6 +19,7 @@ scores only the second half of each window; with short windows that would discar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -41,7 +42,9 @@ from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.mla import AttnForm
 
 DEFAULT_RECIPES = ("F32", "Q8_0", "Q4_K_M", "Q3_K_M", "DQ3_K_M", "Q2_K")
+"""Recipes ablated when `--recipes` is not given: the unquantized model, then from most to fewest bits."""
 BUILTIN_PREFIX = "builtin:"
+"""A `checkpoint` starting with this names a built-in random-weight preset (`builtin:v3-tiny`)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,6 +70,8 @@ class AblationSpec:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalTokens:
+  """The tokens every model was scored on: where they came from and a hash (the array itself is not kept)."""
+
   kind: str  # "sampled" | "text" | "tokens"
   description: str
   shape: tuple[int, int]  # [B, T]
@@ -76,6 +81,8 @@ class EvalTokens:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelInfo:
+  """The (truncated) model the recipes were applied to."""
+
   name: str  # "builtin:v3-mini-256" or the checkpoint directory
   description: str
   layers: int
@@ -88,6 +95,8 @@ class ModelInfo:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RecipeResult:
+  """One recipe: its size, its logit statistics against the unquantized model and its time."""
+
   recipe: str
   description: str
   bits_per_weight: float  # total bytes * 8 / total params, norms and routers included (llama.cpp's BPW)
@@ -100,11 +109,14 @@ class RecipeResult:
 
   @property
   def mib(self) -> float:
+    """Size in MiB (2**20 bytes)."""
     return self.bytes / 2**20
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Timings:
+  """Wall-clock seconds of the run's phases; the report's `timings` uses these names as keys."""
+
   load_s: float
   sample_s: float  # 0 unless tokens were sampled
   base_forward_s: float  # includes the forward pass's XLA compilation
@@ -116,6 +128,8 @@ class Timings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AblationResult:
+  """Everything one `run` found; `report` renders it as Markdown, JSON and plots."""
+
   model: ModelInfo
   rules: str
   layout: str
@@ -205,96 +219,18 @@ def run(spec: AblationSpec | Setup, *, params: dict | None = None, progress: boo
 
   params: float32 weights to use instead of the checkpoint's (same config, already truncated), e.g. a
   modified copy for an experiment. Progress bars (tqdm, stderr) only with progress=True."""
-  t_start = time.perf_counter()
+  clock = _Clock()  # started before `setup`: total_s includes the checks when given a bare spec
   s = spec if isinstance(spec, Setup) else setup(spec)
-  spec = s.spec
-  cfg = s.config
-
-  t = time.perf_counter()
-  if params is None:
-    params = _load_params(s)
-  load_s = time.perf_counter() - t
-  source = ParamsSource(params, cfg)
-
-  t = time.perf_counter()
-  if s.tokens is None:
-    tokens = sample_tokens(params, cfg, sequences=spec.sequences, length=spec.ctx, seed=spec.seed)
-    sample_s = time.perf_counter() - t
-  else:
-    tokens, sample_s = s.tokens, 0.0
-  next_stats = s.token_kind != "tokens" or spec.tokens_are_text
-
-  t = time.perf_counter()
-  base = runner.logits(params, tokens, cfg)  # [B, T, V]
-  base_forward_s = time.perf_counter() - t
-
-  cache = TensorCache()
-  results = []
-  for checked in tqdm(s.recipes, desc="recipes", unit="recipe", disable=not progress):
-    prep = roundtrip.prepare(source, checked.recipe, rules=spec.rules, layout=spec.layout, imatrix=s.imatrix)
-    t = time.perf_counter()
-    qparams = roundtrip.build_params(prep, cache=cache)
-    quantize_s = time.perf_counter() - t
-    t = time.perf_counter()
-    logits = runner.logits(qparams, tokens, cfg)
-    forward_s = time.perf_counter() - t
-    infos = prep.tensors
-    total_bytes = sum(i.bytes for i in infos)
-    total_params = sum(i.params for i in infos)
-    results.append(
-      RecipeResult(
-        recipe=prep.recipe.name,
-        description=prep.recipe.description,
-        bits_per_weight=8 * total_bytes / total_params,
-        bytes=total_bytes,
-        params=total_params,
-        tensors=infos,
-        stats=score(base, logits, tokens, next_stats),
-        quantize_s=quantize_s,
-        forward_s=forward_s,
-      )
-    )
-
-  t = time.perf_counter()
-  sens = None
-  if s.units:
-    sens = _sensitivity(s, source, base, tokens, next_stats, cache, progress)
-  sensitivity_s = time.perf_counter() - t
-
-  b, tl = tokens.shape
-  return AblationResult(
-    model=ModelInfo(
-      name=s.model_name,
-      description=s.model_description,
-      layers=cfg.num_hidden_layers,
-      dense_layers=cfg.first_k_dense_replace,
-      experts=cfg.n_routed_experts,
-      hidden=cfg.hidden_size,
-      vocab=cfg.vocab_size,
-      params=results[0].params,
-    ),
-    rules=spec.rules,
-    layout=spec.layout,
-    imatrix=spec.imatrix,
-    tokens=EvalTokens(
-      kind=s.token_kind,
-      description=s.token_description,
-      shape=(b, tl),
-      next_token_stats=next_stats,
-      sha256=hashlib.sha256(np.ascontiguousarray(tokens, np.int32).tobytes()).hexdigest(),
-    ),
-    recipes=tuple(results),
-    sensitivity=sens,
-    timings=Timings(
-      load_s=load_s,
-      sample_s=sample_s,
-      base_forward_s=base_forward_s,
-      quantize_s=sum(r.quantize_s for r in results),
-      forward_s=sum(r.forward_s for r in results),
-      sensitivity_s=sensitivity_s,
-      total_s=time.perf_counter() - t_start,
-    ),
+  with clock("load"):
+    params = _load_params(s) if params is None else params
+  base = _baseline(s, params, clock)
+  recipes = tuple(
+    _ablate_recipe(s, checked.recipe, base)
+    for checked in tqdm(s.recipes, desc="recipes", unit="recipe", disable=not progress)
   )
+  with clock("sensitivity"):
+    sens = _sensitivity(s, base, progress) if s.units else None
+  return _result(s, base, recipes, sens, clock)
 
 
 def score(base: np.ndarray, q: np.ndarray, tokens: np.ndarray, next_stats: bool) -> LogitStats:
@@ -304,34 +240,173 @@ def score(base: np.ndarray, q: np.ndarray, tokens: np.ndarray, next_stats: bool)
   return logit_stats(base[:, :-1].reshape(-1, v), q[:, :-1].reshape(-1, v), nxt)
 
 
-def _sensitivity(
-  s: Setup, source, base, tokens, next_stats, cache, progress
-) -> sensitivity.SensitivityResult:
-  spec = s.spec
-  out = []
-  for unit in tqdm(s.units, desc="sensitivity", unit="class", disable=not progress):
+# -------------------------------------------------------------------------------------------- run steps
+
+
+class _Clock:
+  """Wall-clock seconds of named phases: `with clock("load"):` adds the block's time to phase "load";
+  `clock["load"]` reads it (0 for a phase never entered) and `clock.total()` is the time since the clock
+  was made."""
+
+  def __init__(self):
+    self._start = time.perf_counter()
+    self._seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, phase: str):
     t = time.perf_counter()
-    prep = roundtrip.prepare(
-      source, sensitivity.unit_recipe(unit, s.sensitivity_type), rules=spec.rules, layout=spec.layout,
-      imatrix=s.imatrix,
-    )  # fmt: skip
-    qparams = roundtrip.build_params(prep, cache=cache)
-    logits = runner.logits(qparams, tokens, s.config)
-    mine = [i for i in prep.tensors if i.name in set(unit.tensors)]
-    out.append(
-      sensitivity.UnitResult(
-        unit=unit,
-        types=tuple(sorted({i.type for i in mine})),
-        params=sum(i.params for i in mine),
-        bytes_saved=sum(4 * i.params - i.bytes for i in mine),
-        stats=score(base, logits, tokens, next_stats),
-        seconds=time.perf_counter() - t,
-      )
-    )
+    try:
+      yield
+    finally:
+      self._seconds[phase] = self._seconds.get(phase, 0.0) + time.perf_counter() - t
+
+  def __getitem__(self, phase: str) -> float:
+    return self._seconds.get(phase, 0.0)
+
+  def total(self) -> float:
+    return time.perf_counter() - self._start
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Baseline:
+  """What every quantized model of one run is built from and compared with."""
+
+  source: ParamsSource  # the unquantized weights
+  tokens: np.ndarray  # int32 [B, T]
+  logits: np.ndarray  # [B, T, V] of the unquantized model
+  next_stats: bool  # Δp and perplexity are meaningful
+  cache: TensorCache  # quantized tensors, shared by the recipes and sensitivity units that agree on one
+
+
+def _baseline(s: Setup, params: dict, clock: _Clock) -> _Baseline:
+  """The evaluation tokens (sampled from the unquantized model unless the setup has them) and the
+  unquantized model's logits on them; timed as phases "sample" (only when sampling) and "base_forward"."""
+  cfg, spec = s.config, s.spec
+  source = ParamsSource(params, cfg)
+  tokens = s.tokens
+  if tokens is None:
+    with clock("sample"):
+      tokens = sample_tokens(params, cfg, sequences=spec.sequences, length=spec.ctx, seed=spec.seed)
+  with clock("base_forward"):
+    logits = runner.logits(params, tokens, cfg)  # [B, T, V]
+  return _Baseline(
+    source=source,
+    tokens=tokens,
+    logits=logits,
+    next_stats=s.token_kind != "tokens" or spec.tokens_are_text,
+    cache=TensorCache(),
+  )
+
+
+def _plan(s: Setup, source: ParamsSource, recipe) -> Prepared:
+  """A recipe resolved against the real weights with the run's rules, layout and importance matrix."""
+  return roundtrip.prepare(source, recipe, rules=s.spec.rules, layout=s.spec.layout, imatrix=s.imatrix)
+
+
+def _ablate_recipe(s: Setup, recipe, base: _Baseline) -> RecipeResult:
+  """One recipe: plan it, quantize and rebuild the weights (timed), run the quantized model (timed) and score
+  its logits against the baseline's. Planning is not in either time."""
+  prep = _plan(s, base.source, recipe)
+  clock = _Clock()
+  with clock("quantize"):
+    qparams = roundtrip.build_params(prep, cache=base.cache)
+  with clock("forward"):
+    logits = runner.logits(qparams, base.tokens, s.config)
+  infos = prep.tensors
+  total_bytes = sum(i.bytes for i in infos)
+  total_params = sum(i.params for i in infos)
+  return RecipeResult(
+    recipe=prep.recipe.name,
+    description=prep.recipe.description,
+    bits_per_weight=8 * total_bytes / total_params,
+    bytes=total_bytes,
+    params=total_params,
+    tensors=infos,
+    stats=score(base.logits, logits, base.tokens, base.next_stats),
+    quantize_s=clock["quantize"],
+    forward_s=clock["forward"],
+  )
+
+
+def _sensitivity(s: Setup, base: _Baseline, progress: bool) -> sensitivity.SensitivityResult:
+  """The sensitivity map: every unit measured on its own, ranked by the damage it does."""
+  out = [
+    _ablate_unit(s, unit, base)
+    for unit in tqdm(s.units, desc="sensitivity", unit="class", disable=not progress)
+  ]
   return sensitivity.SensitivityResult(
     type=s.sensitivity_type,
     grouping=sensitivity.grouping(s.config.num_hidden_layers),
     units=sensitivity.rank(out),
+  )
+
+
+def _ablate_unit(s: Setup, unit: sensitivity.Unit, base: _Baseline) -> sensitivity.UnitResult:
+  """One sensitivity unit: its tensors at the low type, everything else F32, run and scored like a recipe;
+  `seconds` covers all of it, planning and scoring included."""
+  clock = _Clock()
+  prep = _plan(s, base.source, sensitivity.unit_recipe(unit, s.sensitivity_type))
+  qparams = roundtrip.build_params(prep, cache=base.cache)
+  logits = runner.logits(qparams, base.tokens, s.config)
+  names = set(unit.tensors)
+  mine = [i for i in prep.tensors if i.name in names]
+  stats = score(base.logits, logits, base.tokens, base.next_stats)
+  return sensitivity.UnitResult(
+    unit=unit,
+    types=tuple(sorted({i.type for i in mine})),
+    params=sum(i.params for i in mine),
+    bytes_saved=sum(4 * i.params - i.bytes for i in mine),
+    stats=stats,
+    seconds=clock.total(),
+  )
+
+
+def _result(
+  s: Setup,
+  base: _Baseline,
+  recipes: tuple[RecipeResult, ...],
+  sens: sensitivity.SensitivityResult | None,
+  clock: _Clock,
+) -> AblationResult:
+  """The frozen result: model, tokens, per-recipe results, sensitivity map and the run's timings (total_s
+  read last, so it covers building the rest)."""
+  cfg, spec = s.config, s.spec
+  model = ModelInfo(
+    name=s.model_name,
+    description=s.model_description,
+    layers=cfg.num_hidden_layers,
+    dense_layers=cfg.first_k_dense_replace,
+    experts=cfg.n_routed_experts,
+    hidden=cfg.hidden_size,
+    vocab=cfg.vocab_size,
+    params=recipes[0].params,
+  )
+  b, t = base.tokens.shape
+  tokens = EvalTokens(
+    kind=s.token_kind,
+    description=s.token_description,
+    shape=(b, t),
+    next_token_stats=base.next_stats,
+    sha256=hashlib.sha256(np.ascontiguousarray(base.tokens, np.int32).tobytes()).hexdigest(),
+  )
+  timings = Timings(
+    load_s=clock["load"],
+    sample_s=clock["sample"],
+    base_forward_s=clock["base_forward"],
+    quantize_s=sum(r.quantize_s for r in recipes),
+    forward_s=sum(r.forward_s for r in recipes),
+    sensitivity_s=clock["sensitivity"],
+    total_s=clock.total(),
+  )
+  return AblationResult(
+    model=model,
+    rules=spec.rules,
+    layout=spec.layout,
+    imatrix=spec.imatrix,
+    tokens=tokens,
+    recipes=recipes,
+    sensitivity=sens,
+    timings=timings,
   )
 
 
@@ -363,6 +438,7 @@ def _truncate(full: DeepseekV3Config, layers: int | None, experts: int | None) -
 
 
 def _load_params(s: Setup) -> dict:
+  """The setup's float32 weights: a built-in preset's (cut to the truncation) or the HF checkpoint's."""
   if s.directory is None:
     _, params = presets.params_of(s.model_name[len(BUILTIN_PREFIX) :])
     if (s.spec.layers, s.spec.experts) != (None, None):

@@ -91,7 +91,7 @@ def rules(p: argparse.ArgumentParser) -> argparse.Action:
 
 @_shared("--layout")
 def layout(p: argparse.ArgumentParser) -> argparse.Action:
-  from dq3jax.recipes.inventory import LAYOUTS
+  from dq3jax.layouts import LAYOUTS
 
   return p.add_argument(
     "--layout",

@@ -8,7 +8,7 @@ already know:
 - "Same top p": the fraction of positions whose argmax agrees (first maximum wins on ties), with the
   binomial standard error sqrt(p (1 - p) / (n - 1)).
 - Δp = p_Q(next token) - p_base(next token), its mean, percentiles and RMS; perplexities of both, their
-  ratio and correlation (these need the next tokens, i.e. real text or a token stream).
+  ratio, difference and correlation (these need the next tokens, i.e. real text or a token stream).
 
 Differences, all in the direction of more precision: llama-perplexity stores the base log-probabilities as
 16-bit codes and skips terms with log p_base <= -16; here everything is float64 and every term is summed.
@@ -51,6 +51,8 @@ class LogitStats:
   ppl_ratio: float | None = None
   ppl_ratio_unc: float | None = None
   ln_ppl_cor: float | None = None
+  ppl_diff: float | None = None  # PPL(Q) - PPL(base)
+  ppl_diff_unc: float | None = None
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -167,21 +169,26 @@ def logit_stats(base: np.ndarray, q: np.ndarray, next_tokens: np.ndarray | None 
     ln_ratio = lq_mean - lb_mean
     ln_ratio_unc = math.sqrt(max(ratio_unc2, 0.0))
     rms = math.sqrt(mse)
+    ppl_q, ppl_b = math.exp(lq_mean), math.exp(lb_mean)
+    # The perplexities' covariance to first order, d exp(x)/dx = exp(x): ppl_q ppl_base cov(ln).
+    diff_unc2 = (ppl_q * lq_unc) ** 2 + (ppl_b * lb_unc) ** 2 - 2.0 * ppl_q * ppl_b * cov
     stats.update(
       dp_mean=dp_mean,
       dp_unc=dp_unc,
       dp=_summary(dp, DP_PERCENTILES),
       dp_rms=rms,
       dp_rms_unc=0.5 / rms * mse_unc if rms > 0 else 0.0,
-      ppl_q=math.exp(lq_mean),
-      ppl_q_unc=math.exp(lq_mean) * lq_unc,
-      ppl_base=math.exp(lb_mean),
-      ppl_base_unc=math.exp(lb_mean) * lb_unc,
+      ppl_q=ppl_q,
+      ppl_q_unc=ppl_q * lq_unc,
+      ppl_base=ppl_b,
+      ppl_base_unc=ppl_b * lb_unc,
       ln_ppl_ratio=ln_ratio,
       ln_ppl_ratio_unc=ln_ratio_unc,
       ppl_ratio=math.exp(ln_ratio),
       ppl_ratio_unc=math.exp(ln_ratio) * ln_ratio_unc,
       ln_ppl_cor=cov / (lq_unc * lb_unc) if lq_unc > 0 and lb_unc > 0 else None,
+      ppl_diff=ppl_q - ppl_b,
+      ppl_diff_unc=math.sqrt(max(diff_unc2, 0.0)),
     )
   return LogitStats(**stats)
 
@@ -200,6 +207,7 @@ def format_llama_perplexity(s: LogitStats) -> str:
     lines += [
       f"Mean ln(PPL(Q)/PPL(base))     : {s.ln_ppl_ratio:10.6f} ± {s.ln_ppl_ratio_unc:10.6f}",
       f"Mean PPL(Q)/PPL(base)         : {s.ppl_ratio:10.6f} ± {s.ppl_ratio_unc:10.6f}",
+      f"Mean PPL(Q)-PPL(base)         : {s.ppl_diff:10.6f} ± {s.ppl_diff_unc:10.6f}",
       "",
     ]
   lines += ["====== KL divergence statistics ======", f"Mean    KLD: {s.kld_mean:10.6f} ± {s.kld_unc:10.6f}"]

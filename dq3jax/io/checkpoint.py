@@ -23,16 +23,16 @@ def is_gguf(path: str | os.PathLike) -> bool:
     raise ValueError(f"checkpoint {path}: no such file or directory; expected {EXPECTED}")
   if not os.path.isfile(path):
     raise ValueError(f"checkpoint {path}: not a regular file or directory; expected {EXPECTED}")
-  from dq3jax.io import gguf_read
+  from dq3jax.io import gguf_file
 
   with open(path, "rb") as f:
     head = f.read(8)
-  if head[:4] == gguf_read.MAGIC:
+  if head[:4] == gguf_file.MAGIC:
     return True
   found = (
     "an empty file"
     if not head
-    else f"a {os.path.getsize(path)}-byte file starting with {head!r} (no {gguf_read.MAGIC!r} magic)"
+    else f"a {os.path.getsize(path)}-byte file starting with {head!r} (no {gguf_file.MAGIC!r} magic)"
   )
   hint = ""
   if path.endswith((".safetensors", ".json")):

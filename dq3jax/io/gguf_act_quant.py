@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 
 from dq3jax.io import gguf_layout
-from dq3jax.io.gguf_read import read_gguf
+from dq3jax.io.gguf_file import read_gguf
 from dq3jax.model.act_quant import ActQuant, Path
 
 
 def params_paths(name: str) -> list[Path]:
   """Params paths a GGUF tensor's type applies to (empty for tensors no matmul reads)."""
-  m = re.fullmatch(r"blk\.(\d+)\.ffn_gate_up_exps\.weight", name)
-  if m:  # newer converters fuse gate and up; one mul_mat_id, one type for both
-    base = ("layers", m.group(1), "mlp", "experts")
-    return [(*base, "w_gate"), (*base, "w_up")]
+  parts = gguf_layout.fused_parts(name)
+  if parts:  # newer converters fuse gate and up: one mul_mat_id, one type for both
+    return [p for part in parts for p in params_paths(part)]
   try:
     mp = gguf_layout.mapping(name)
   except KeyError:

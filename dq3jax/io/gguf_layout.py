@@ -5,7 +5,9 @@ Most tensors are one params leaf. Two kinds are built from several leaves or fro
   * routed experts: `ffn_{gate,up,down}_exps` stack the [E, out, in] leaf (ne [in, out, E]);
   * `split` layout: `attn_k_b` / `attn_v_b` are `wkv_b` viewed as [H, dn+dv, r] and split per head, the key part
     transposed (torch [H, r, dn], ne [dn, r, H]) and the value part kept (torch [H, dv, r], ne [r, dv, H]),
-    exactly as llama.cpp's converter (conversion/deepseek.py) writes them.
+    exactly as llama.cpp's converter (conversion/deepseek.py) writes them;
+  * fused experts: newer converters may store `ffn_gate_up_exps` = concat(gate, up) along each expert's output
+    rows (ne [in, 2*out, E]) in place of the two tensors; it is read back into the same two leaves.
 The tensor list and its order come from `dq3jax.recipes.inventory` (llama-quantize's visiting order).
 """
 
@@ -14,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from collections.abc import Container
 
 import numpy as np
 
+from dq3jax.layouts import check_layout
 from dq3jax.model.config import DeepseekV3Config
-from dq3jax.recipes.inventory import LAYOUTS, ModelDims, TensorInfo, inventory
+from dq3jax.recipes.inventory import ModelDims, TensorInfo, inventory
 
 
 class Kind(enum.Enum):
@@ -68,6 +72,38 @@ _EXPERTS = {
   "ffn_down_exps.weight": ("mlp", "experts", "w_down"),
 }
 _SPLIT = {"attn_k_b.weight": Kind.K_B, "attn_v_b.weight": Kind.V_B}
+# The fused expert tensor and, in row order, the unfused tensors it stands for.
+_FUSED_EXPERTS = {"ffn_gate_up_exps.weight": ("ffn_gate_exps.weight", "ffn_up_exps.weight")}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FusedPart:
+  """Where an unfused expert tensor's values lie in a fused one: part `part` of `n_parts` equal row blocks."""
+
+  fused_name: str
+  part: int  # 0 = the first half of the rows (gate), 1 = the second (up)
+  n_parts: int
+
+
+def fused_parts(gguf_name: str) -> list[str]:
+  """The unfused tensor names a fused expert tensor holds (in row order); [] for any other name."""
+  m = re.fullmatch(r"(blk\.\d+\.)(.+)", gguf_name)
+  if m is None or m.group(2) not in _FUSED_EXPERTS:
+    return []
+  return [m.group(1) + part for part in _FUSED_EXPERTS[m.group(2)]]
+
+
+def fused_source(gguf_name: str, present: Container[str]) -> FusedPart | None:
+  """Where to read `gguf_name` from when the file stores it fused (`present`: the file's tensor names)."""
+  if gguf_name in present:
+    return None
+  m = re.fullmatch(r"(blk\.\d+\.)(.+)", gguf_name)
+  if m is None:
+    return None
+  for fused, parts in _FUSED_EXPERTS.items():
+    if m.group(2) in parts and m.group(1) + fused in present:
+      return FusedPart(fused_name=m.group(1) + fused, part=parts.index(m.group(2)), n_parts=len(parts))
+  return None
 
 
 def mapping(gguf_name: str) -> Mapping:
@@ -113,8 +149,7 @@ def dims_of(cfg: DeepseekV3Config) -> ModelDims:
 
 def tensors(cfg: DeepseekV3Config, layout: str) -> list[TensorInfo]:
   """Every GGUF tensor of cfg in llama-quantize's order."""
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  check_layout(layout)
   return inventory(dims_of(cfg), layout)
 
 

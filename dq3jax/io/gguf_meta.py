@@ -189,6 +189,29 @@ def metadata(
 # --------------------------------------------------------------------------------------------- reading
 
 
+K_LLM, K_ATTN, K_ROPE = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+
+
+class _Meta:
+  """A file's key/values, read by gguf-py's key templates ("{arch}.block_count") with errors naming the file."""
+
+  def __init__(self, kv: Mapping[str, Any], path: str):
+    self.kv, self.path = kv, path
+
+  def has(self, key: str) -> bool:
+    return _k(key) in self.kv
+
+  def get(self, key: str, default: Any = KeyError) -> Any:
+    full = _k(key)
+    if full in self.kv:
+      v = self.kv[full]
+      # GGUF floats are float32; the shortest decimal that rounds to it gives back the config's 1e-06, 40.0, ...
+      return float(str(np.float32(v))) if isinstance(v, float) else v
+    if default is KeyError:
+      raise GGUFMetadataError(f"{self.path}: required metadata key {full!r} is missing")
+    return default
+
+
 def config_from_metadata(
   kv: Mapping[str, Any],
   tensor_names: set[str],
@@ -204,113 +227,120 @@ def config_from_metadata(
   assumes sigmoid and logs it), expert_weights_scale (1.0, as llama.cpp), expert_weights_norm (False, as
   llama.cpp), leading_dense_block_count (0). YaRN's beta_fast/beta_slow are always llama.cpp's 32/1.
   """
-
-  def get(key: str, default: Any = KeyError) -> Any:
-    full = _k(key)
-    if full in kv:
-      v = kv[full]
-      # GGUF floats are float32; the shortest decimal that rounds to it gives back the config's 1e-06, 40.0, ...
-      return float(str(np.float32(v))) if isinstance(v, float) else v
-    if default is KeyError:
-      raise GGUFMetadataError(f"{path}: required metadata key {full!r} is missing")
-    return default
-
-  arch = kv.get("general.architecture")
-  if arch is None:
-    raise GGUFMetadataError(f"{path}: required metadata key 'general.architecture' is missing")
-  if arch != ARCH:
-    raise GGUFMetadataError(f"{path}: general.architecture is {arch!r}, dq3jax reads only {ARCH!r}")
-  n_layer = int(get("{arch}.block_count")) - int(get("{arch}.nextn_predict_layers", 0))
-  mla = _k("{arch}.attention.key_length_mla") in kv
-  layout = "split" if mla else "kv_b"
-  rope_dim = int(get("{arch}.rope.dimension_count"))
-  if mla:
-    qk_head = int(get("{arch}.attention.key_length_mla"))
-    v_head = int(get("{arch}.attention.value_length_mla"))
-  else:
-    qk_head = int(get("{arch}.attention.key_length"))
-    v_head = int(get("{arch}.attention.value_length"))
-  has_split = any(n.endswith("attn_k_b.weight") for n in tensor_names)
-  has_kv_b = any(n.endswith("attn_kv_b.weight") for n in tensor_names)
-  if mla and has_kv_b and not has_split:
-    raise GGUFMetadataError(
-      f"{path}: metadata has {_k('{arch}.attention.key_length_mla')!r} (MLA layout) but the file holds "
-      "attn_kv_b tensors, not attn_k_b/attn_v_b"
-    )
-  if not mla and has_split:
-    raise GGUFMetadataError(
-      f"{path}: the file holds attn_k_b/attn_v_b tensors but metadata key "
-      f"{_k('{arch}.attention.key_length_mla')!r} is missing"
-    )
-  gating = get("{arch}.expert_gating_func", None)
-  if gating is None:
-    if not v3_defaults:
-      raise GGUFMetadataError(
-        f"{path}: metadata key {_k('{arch}.expert_gating_func')!r} is missing; llama.cpp then routes with "
-        "softmax, which is not DeepSeek-V3's sigmoid routing (pass v3_defaults=True to assume sigmoid)"
-      )
-    log.warning("%s: %s missing, assuming sigmoid (V3 default)", path, _k("{arch}.expert_gating_func"))
-  elif int(gating) != GATING_SIGMOID:
-    raise GGUFMetadataError(
-      f"{path}: {_k('{arch}.expert_gating_func')} = {gating} (1 = softmax); dq3jax models sigmoid (2) routing only"
-    )
-  vocab = get("{arch}.vocab_size", None)
-  if vocab is None:
-    tokens = kv.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens is not None else vocab_rows
-  if vocab is None:
-    raise GGUFMetadataError(f"{path}: cannot tell the vocabulary size (no {_k('{arch}.vocab_size')!r})")
-  n_group = int(get("{arch}.expert_group_count", 1))
-  topk_group = int(get("{arch}.expert_group_used_count", 1 if n_group == 1 else n_group))
-  eps = float(get("{arch}.attention.layer_norm_rms_epsilon"))
-  theta = float(get("{arch}.rope.freq_base", 10000.0))
-  scaling = get("{arch}.rope.scaling.type", "none")
-  ctx = int(get("{arch}.context_length"))
-  if scaling == "yarn":
-    log_mul = get("{arch}.rope.scaling.yarn_log_multiplier", None)
-    # llama.cpp divides in float32 (so 0.1f / 0.1f is exactly 1).
-    mall = None if log_mul is None else float(str(np.float32(log_mul) / np.float32(0.1)))
-    rope = _llama_rope(
-      RopeConfig(
-        kind=RopeKind.YARN,
-        theta=theta,
-        factor=float(get("{arch}.rope.scaling.factor")),
-        original_max_position_embeddings=int(get("{arch}.rope.scaling.original_context_length", ctx)),
-        mscale_all_dim=mall,
-      )
-    )
-  elif scaling in ("none", "linear") and float(get("{arch}.rope.scaling.factor", 0.0)) in (0.0, 1.0):
-    rope = RopeConfig(kind=RopeKind.DEFAULT, theta=theta)
-  else:
-    raise GGUFMetadataError(f"{path}: {_k('{arch}.rope.scaling.type')} = {scaling!r} is not supported")
-  q_lora = get("{arch}.attention.q_lora_rank", None)
+  m = _Meta(kv, path)
+  _check_architecture(m)
+  layout, qk_head, v_head = _attention_layout(m, tensor_names)
+  _check_gating(m, v3_defaults)
+  rope_dim = int(m.get(K_ROPE.DIMENSION_COUNT))
+  eps = float(m.get(K_ATTN.LAYERNORM_RMS_EPS))
+  n_group = int(m.get(K_LLM.EXPERT_GROUP_COUNT, 1))
+  q_lora = m.get(K_ATTN.Q_LORA_RANK, None)
   try:
     cfg = DeepseekV3Config(
-      vocab_size=int(vocab),
-      hidden_size=int(get("{arch}.embedding_length")),
-      intermediate_size=int(get("{arch}.feed_forward_length")),
-      moe_intermediate_size=int(get("{arch}.expert_feed_forward_length")),
-      num_hidden_layers=n_layer,
-      num_attention_heads=int(get("{arch}.attention.head_count")),
+      vocab_size=_vocab_size(m, vocab_rows),
+      hidden_size=int(m.get(K_LLM.EMBEDDING_LENGTH)),
+      intermediate_size=int(m.get(K_LLM.FEED_FORWARD_LENGTH)),
+      moe_intermediate_size=int(m.get(K_LLM.EXPERT_FEED_FORWARD_LENGTH)),
+      # MTP (nextn) layers are counted in block_count but are not part of the forward.
+      num_hidden_layers=int(m.get(K_LLM.BLOCK_COUNT)) - int(m.get(K_LLM.NEXTN_PREDICT_LAYERS, 0)),
+      num_attention_heads=int(m.get(K_ATTN.HEAD_COUNT)),
       q_lora_rank=None if not q_lora else int(q_lora),
-      kv_lora_rank=int(get("{arch}.attention.kv_lora_rank")),
+      kv_lora_rank=int(m.get(K_ATTN.KV_LORA_RANK)),
       qk_nope_head_dim=qk_head - rope_dim,
       qk_rope_head_dim=rope_dim,
       v_head_dim=v_head,
-      n_routed_experts=int(get("{arch}.expert_count")),
-      n_shared_experts=int(get("{arch}.expert_shared_count")),
-      num_experts_per_tok=int(get("{arch}.expert_used_count")),
+      n_routed_experts=int(m.get(K_LLM.EXPERT_COUNT)),
+      n_shared_experts=int(m.get(K_LLM.EXPERT_SHARED_COUNT)),
+      num_experts_per_tok=int(m.get(K_LLM.EXPERT_USED_COUNT)),
       n_group=n_group,
-      topk_group=topk_group,
-      routed_scaling_factor=float(get("{arch}.expert_weights_scale", 1.0)),
-      norm_topk_prob=bool(get("{arch}.expert_weights_norm", False)),
-      first_k_dense_replace=int(get("{arch}.leading_dense_block_count", 0)),
+      topk_group=int(m.get(K_LLM.EXPERT_GROUP_USED_COUNT, 1 if n_group == 1 else n_group)),
+      routed_scaling_factor=float(m.get(K_LLM.EXPERT_WEIGHTS_SCALE, 1.0)),
+      norm_topk_prob=bool(m.get(K_LLM.EXPERT_WEIGHTS_NORM, False)),
+      first_k_dense_replace=int(m.get(K_LLM.LEADING_DENSE_BLOCK_COUNT, 0)),
       rms_norm_eps=eps,
       latent_norm_eps=eps,
-      rope=rope,
-      max_position_embeddings=ctx,
+      rope=_rope(m),
+      max_position_embeddings=int(m.get(K_LLM.CONTEXT_LENGTH)),
       use_router_bias=any(n.endswith("exp_probs_b.bias") for n in tensor_names),
     )
   except ValueError as e:
     raise GGUFMetadataError(f"{path}: metadata describes an invalid model: {e}") from None
   return cfg, layout
+
+
+def _check_architecture(m: _Meta) -> None:
+  arch = m.kv.get(gguf.Keys.General.ARCHITECTURE)
+  if arch is None:
+    raise GGUFMetadataError(f"{m.path}: required metadata key {gguf.Keys.General.ARCHITECTURE!r} is missing")
+  if arch != ARCH:
+    raise GGUFMetadataError(f"{m.path}: general.architecture is {arch!r}, dq3jax reads only {ARCH!r}")
+
+
+def _attention_layout(m: _Meta, tensor_names: set[str]) -> tuple[str, int, int]:
+  """(layout, query/key head dim, value head dim): llama.cpp takes its MLA path, the split layout, exactly when
+  the *_mla keys are present; the tensors must agree."""
+  mla = m.has(K_ATTN.KEY_LENGTH_MLA)
+  has_split = any(n.endswith("attn_k_b.weight") for n in tensor_names)
+  has_kv_b = any(n.endswith("attn_kv_b.weight") for n in tensor_names)
+  if mla and has_kv_b and not has_split:
+    raise GGUFMetadataError(
+      f"{m.path}: metadata has {_k(K_ATTN.KEY_LENGTH_MLA)!r} (MLA layout) but the file holds "
+      "attn_kv_b tensors, not attn_k_b/attn_v_b"
+    )
+  if not mla and has_split:
+    raise GGUFMetadataError(
+      f"{m.path}: the file holds attn_k_b/attn_v_b tensors but metadata key {_k(K_ATTN.KEY_LENGTH_MLA)!r} is missing"
+    )
+  if mla:
+    return "split", int(m.get(K_ATTN.KEY_LENGTH_MLA)), int(m.get(K_ATTN.VALUE_LENGTH_MLA))
+  return "kv_b", int(m.get(K_ATTN.KEY_LENGTH)), int(m.get(K_ATTN.VALUE_LENGTH))
+
+
+def _check_gating(m: _Meta, v3_defaults: bool) -> None:
+  key = _k(K_LLM.EXPERT_GATING_FUNC)
+  gating = m.get(K_LLM.EXPERT_GATING_FUNC, None)
+  if gating is None:
+    if not v3_defaults:
+      raise GGUFMetadataError(
+        f"{m.path}: metadata key {key!r} is missing; llama.cpp then routes with "
+        "softmax, which is not DeepSeek-V3's sigmoid routing (pass v3_defaults=True to assume sigmoid)"
+      )
+    log.warning("%s: %s missing, assuming sigmoid (V3 default)", m.path, key)
+  elif int(gating) != GATING_SIGMOID:
+    raise GGUFMetadataError(
+      f"{m.path}: {key} = {gating} (1 = softmax); dq3jax models sigmoid (2) routing only"
+    )
+
+
+def _vocab_size(m: _Meta, vocab_rows: int | None) -> int:
+  """vocab_size, else the token list's length, else the embedding's rows (as llama.cpp falls back)."""
+  vocab = m.get(K_LLM.VOCAB_SIZE, None)
+  if vocab is None:
+    tokens = m.kv.get(gguf.Keys.Tokenizer.LIST)
+    vocab = len(tokens) if tokens is not None else vocab_rows
+  if vocab is None:
+    raise GGUFMetadataError(f"{m.path}: cannot tell the vocabulary size (no {_k(K_LLM.VOCAB_SIZE)!r})")
+  return int(vocab)
+
+
+def _rope(m: _Meta) -> RopeConfig:
+  theta = float(m.get(K_ROPE.FREQ_BASE, 10000.0))
+  scaling = m.get(K_ROPE.SCALING_TYPE, "none")
+  if scaling == "yarn":
+    log_mul = m.get(K_ROPE.SCALING_YARN_LOG_MUL, None)
+    # llama.cpp divides in float32 (so 0.1f / 0.1f is exactly 1).
+    mall = None if log_mul is None else float(str(np.float32(log_mul) / np.float32(0.1)))
+    return _llama_rope(
+      RopeConfig(
+        kind=RopeKind.YARN,
+        theta=theta,
+        factor=float(m.get(K_ROPE.SCALING_FACTOR)),
+        original_max_position_embeddings=int(
+          m.get(K_ROPE.SCALING_ORIG_CTX_LEN, int(m.get(K_LLM.CONTEXT_LENGTH)))
+        ),
+        mscale_all_dim=mall,
+      )
+    )
+  if scaling in ("none", "linear") and float(m.get(K_ROPE.SCALING_FACTOR, 0.0)) in (0.0, 1.0):
+    return RopeConfig(kind=RopeKind.DEFAULT, theta=theta)
+  raise GGUFMetadataError(f"{m.path}: {_k(K_ROPE.SCALING_TYPE)} = {scaling!r} is not supported")

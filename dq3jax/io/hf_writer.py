@@ -30,6 +30,9 @@ def save(
   dtype: str = "float32",
   fp8: bool = False,
 ) -> None:
+  """Write `params` as a Hugging Face DeepSeek-V3 checkpoint in `directory` (config.json, and one
+  model.safetensors or `shards` files with an index): weights stored in `dtype` (float32, bfloat16, float16), or with fp8=True the
+  FP8 e4m3 weights with 128x128 block scales that DeepSeek ships; the router bias stays float32."""
   os.makedirs(directory, exist_ok=True)
   store = _STORE[dtype]
   tensors: dict[str, np.ndarray] = {}

@@ -23,12 +23,17 @@ import pathlib
 import struct
 from collections.abc import Mapping
 
+import gguf
 import numpy as np
 
-GGUF_MAGIC = b"GGUF"
-KEY_DATASETS = "imatrix.datasets"
-KEY_CHUNK_COUNT = "imatrix.chunk_count"
-KEY_CHUNK_SIZE = "imatrix.chunk_size"
+from dq3jax.io.gguf_file import GGUFError, is_gguf, read_gguf
+from dq3jax.io.gguf_write import TensorJob
+from dq3jax.io.gguf_write import write_gguf as write_model_gguf
+from dq3jax.qtypes import GGMLType, qtype_of
+
+KEY_DATASETS = gguf.Keys.IMatrix.DATASETS
+KEY_CHUNK_COUNT = gguf.Keys.IMatrix.CHUNK_COUNT
+KEY_CHUNK_SIZE = gguf.Keys.IMatrix.CHUNK_SIZE
 SUFFIX_SUMS = ".in_sum2"
 SUFFIX_COUNTS = ".counts"
 
@@ -48,6 +53,8 @@ class ImatrixEntry:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Imatrix:
+  """An importance-matrix file's statistics, per weight name, in either format (see the module doc)."""
+
   path: str
   format: str  # "legacy" or "gguf"
   entries: Mapping[str, ImatrixEntry]
@@ -121,10 +128,9 @@ class _Cursor:
 def read_imatrix(path: str | pathlib.Path) -> Imatrix:
   """Reads either format (GGUF when the file starts with the GGUF magic, else legacy)."""
   p = str(path)
-  data = pathlib.Path(path).read_bytes()
-  if data[:4] == GGUF_MAGIC:
-    return _read_gguf(_Cursor(data, p))
-  return _read_legacy(_Cursor(data, p))
+  if is_gguf(p):
+    return _read_gguf(p)
+  return _read_legacy(_Cursor(pathlib.Path(path).read_bytes(), p))
 
 
 def _read_legacy(c: _Cursor) -> Imatrix:
@@ -159,106 +165,57 @@ def _read_legacy(c: _Cursor) -> Imatrix:
   return Imatrix(path=c.path, format="legacy", entries=entries, datasets=datasets, chunk_count=chunk_count)
 
 
-# GGUF value types (ggml/include/gguf.h): id -> struct format (None for string/array).
-_GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGML_F32 = 0
-
-
-def _gguf_string(c: _Cursor, what: str) -> str:
-  n = c.unpack("Q", f"the length of {what}")
-  if n > c.left():
-    raise c.fail(f"{what}: string length {n} runs past the end of the file", c.pos - 8)
-  return c.take(n, what).decode(errors="replace")
-
-
-def _gguf_value(c: _Cursor, vtype: int, key: str) -> object:
-  if vtype in _GGUF_SCALAR:
-    return c.unpack(_GGUF_SCALAR[vtype], f"the value of {key}")
-  if vtype == _GGUF_STRING:
-    return _gguf_string(c, f"the value of {key}")
-  if vtype == _GGUF_ARRAY:
-    at = c.pos
-    etype = c.unpack("I", f"the element type of {key}")
-    n = c.unpack("Q", f"the length of {key}")
-    if etype == _GGUF_ARRAY or (etype not in _GGUF_SCALAR and etype != _GGUF_STRING):
-      raise c.fail(f"{key}: bad array element type {etype}", at)
-    if n > c.left():
-      raise c.fail(f"{key}: array length {n} runs past the end of the file", at + 4)
-    return [_gguf_value(c, etype, f"{key}[{k}]") for k in range(n)]
-  raise c.fail(f"{key}: unknown GGUF value type {vtype}", c.pos - 4)
-
-
-def _read_gguf(c: _Cursor) -> Imatrix:
-  c.take(4, "the magic")
-  version = c.unpack("I", "the GGUF version")
-  if version not in (2, 3):
-    raise c.fail(f"unsupported GGUF version {version}", 4)
-  n_tensors = c.unpack("Q", "the tensor count")
-  n_kv = c.unpack("Q", "the key count")
-  if n_tensors > c.left() or n_kv > c.left():
-    raise c.fail(f"implausible counts: {n_tensors} tensors, {n_kv} keys", 8)
-  kv: dict[str, object] = {}
-  for k in range(n_kv):
-    key = _gguf_string(c, f"key {k}")
-    vtype = c.unpack("I", f"the type of {key}")
-    kv[key] = _gguf_value(c, vtype, key)
-  infos = []
-  for k in range(n_tensors):
-    at = c.pos
-    name = _gguf_string(c, f"the name of tensor {k}")
-    n_dims = c.unpack("I", f"the rank of {name}")
-    if not 1 <= n_dims <= 4:
-      raise c.fail(f"{name}: bad rank {n_dims}", at)
-    ne = tuple(int(c.unpack("Q", f"dim {d} of {name}")) for d in range(n_dims))
-    ttype = c.unpack("I", f"the type of {name}")
-    offset = c.unpack("Q", f"the data offset of {name}")
-    infos.append((name, ne, ttype, offset, at))
-  align = int(kv.get("general.alignment", 32))
-  data_start = (c.pos + align - 1) // align * align
+def _read_gguf(path: str) -> Imatrix:
+  # The one GGUF header parser (io/gguf_file) does the format; what is checked here is what makes a GGUF an
+  # imatrix: F32 tensors laid out back to back as ggml's writer lays them.
+  try:
+    f = read_gguf(path)
+  except GGUFError as e:
+    raise ImatrixError(str(e)) from None
   raw: dict[str, np.ndarray] = {}
   expect = 0  # like ggml's gguf reader: tensors are contiguous, each padded to the alignment
-  for name, ne, ttype, offset, at in infos:
-    if ttype != _GGML_F32:
-      raise c.fail(f"{name}: imatrix tensors must be F32 (ggml type 0), found type {ttype}", at)
-    if offset != expect:
-      raise c.fail(f"{name}: data offset {offset}, expected {expect}", at)
-    n = int(np.prod(ne))
-    lo = data_start + offset
-    expect += (4 * n + align - 1) // align * align
-    if data_start + expect > len(c.data):
-      raise c.fail(
-        f"truncated file: {name} needs bytes [{lo}, {data_start + expect}) with padding, file has "
-        f"{len(c.data)}",
-        lo,
+  for name, t in f.tensors.items():
+    if t.type_id != int(GGMLType.F32):
+      raise ImatrixError(
+        f"{path}: offset {t.info_offset}: {name}: imatrix tensors must be F32 (ggml type 0), found {t.type_name}"
       )
-    arr = np.frombuffer(c.data, dtype="<f4", count=n, offset=lo).astype(np.float32)
-    raw[name] = arr.reshape(tuple(reversed(ne)))  # ggml ne -> numpy (slowest first)
+    if t.offset - f.data_offset != expect:
+      raise ImatrixError(
+        f"{path}: offset {t.info_offset}: {name}: data offset {t.offset - f.data_offset}, expected {expect}"
+      )
+    expect += -(-t.nbytes // f.alignment) * f.alignment
+    arr = f.raw(name).view("<f4").astype(np.float32)
+    raw[name] = arr.reshape(t.torch_shape)  # ggml ne -> numpy (slowest first)
+  if f.data_offset + expect > f.size:  # ggml's writer pads the last tensor too; its reader insists on it
+    raise ImatrixError(
+      f"{path}: truncated file: the data section needs bytes [{f.data_offset}, {f.data_offset + expect}) with "
+      f"padding, the file ends at offset {f.size}"
+    )
   entries: dict[str, ImatrixEntry] = {}
   bases = {n[: -len(SUFFIX_SUMS)] for n in raw if n.endswith(SUFFIX_SUMS)}
   bases |= {n[: -len(SUFFIX_COUNTS)] for n in raw if n.endswith(SUFFIX_COUNTS)}
   if not bases:
-    raise ImatrixError(f"{c.path}: no imatrix entries (no *{SUFFIX_SUMS} / *{SUFFIX_COUNTS} tensors)")
+    raise ImatrixError(f"{path}: no imatrix entries (no *{SUFFIX_SUMS} / *{SUFFIX_COUNTS} tensors)")
   for b in sorted(bases):
     sums, counts = raw.get(b + SUFFIX_SUMS), raw.get(b + SUFFIX_COUNTS)
     if sums is None or counts is None:
       raise ImatrixError(
-        f"{c.path}: {b}: has {'counts' if sums is None else 'sums'} but no "
+        f"{path}: {b}: has {'counts' if sums is None else 'sums'} but no "
         f"{'sums' if sums is None else 'counts'}"
       )
     counts = np.rint(counts.reshape(-1)).astype(np.int64)  # llama.cpp lrounds the float counts
     n_mat = counts.size
     if sums.size % n_mat:
-      raise ImatrixError(f"{c.path}: {b}: {sums.size} sums do not split into {n_mat} matrices")
+      raise ImatrixError(f"{path}: {b}: {sums.size} sums do not split into {n_mat} matrices")
     entries[b] = ImatrixEntry(sums=sums.reshape(n_mat, -1), counts=counts)
-  ds = kv.get(KEY_DATASETS, [])
+  ds = f.kv.get(KEY_DATASETS, [])
   return Imatrix(
-    path=c.path,
+    path=path,
     format="gguf",
     entries=entries,
     datasets=tuple(str(x) for x in ds) if isinstance(ds, list) else (),
-    chunk_count=int(kv.get(KEY_CHUNK_COUNT, 0)),
-    chunk_size=int(kv.get(KEY_CHUNK_SIZE, 0)),
+    chunk_count=int(f.kv.get(KEY_CHUNK_COUNT, 0)),
+    chunk_size=int(f.kv.get(KEY_CHUNK_SIZE, 0)),
   )
 
 
@@ -287,11 +244,6 @@ def write_legacy(
   pathlib.Path(path).write_bytes(b"".join(out))
 
 
-def _gguf_str(s: str) -> bytes:
-  b = s.encode()
-  return struct.pack("<Q", len(b)) + b
-
-
 def write_gguf(
   path: str | pathlib.Path,
   entries: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -300,18 +252,11 @@ def write_gguf(
   chunk_count: int = 0,
   chunk_size: int = 512,
 ) -> None:
-  """entries: name -> (raw sums shaped (n_mat, ne0), counts shaped (n_mat,)). Layout as gguf_write_to_file:
-  header, keys, tensor infos, data aligned to 32 bytes, each tensor padded to 32."""
-  align = 32
-  kvs = [
-    _gguf_str("general.type") + struct.pack("<I", _GGUF_STRING) + _gguf_str("imatrix"),
-    _gguf_str(KEY_DATASETS)
-    + struct.pack("<IIQ", _GGUF_ARRAY, _GGUF_STRING, len(datasets))
-    + b"".join(_gguf_str(d) for d in datasets),
-    _gguf_str(KEY_CHUNK_COUNT) + struct.pack("<II", 4, chunk_count),
-    _gguf_str(KEY_CHUNK_SIZE) + struct.pack("<II", 4, chunk_size),
-  ]
-  tensors: list[tuple[str, np.ndarray]] = []
+  """entries: name -> (raw sums shaped (n_mat, ne0), counts shaped (n_mat,)), written as llama-imatrix writes
+  its GGUF (`general.type = imatrix`, F32 `<name>.in_sum2` [ne0, n_mat] and `<name>.counts` [1, n_mat]),
+  through the same atomic GGUF writer as models."""
+  f32 = qtype_of(GGMLType.F32)
+  jobs: list[TensorJob] = []
   for name in sorted(entries):
     sums, counts = entries[name]
     s = np.asarray(sums, dtype=np.float32)
@@ -319,23 +264,20 @@ def write_gguf(
     cnt = np.asarray(counts, dtype=np.float32).reshape(-1, 1)
     if cnt.shape[0] != s.shape[0]:
       raise ValueError(f"{name}: {cnt.shape[0]} counts for {s.shape[0]} matrices")
-    tensors += [(name + SUFFIX_SUMS, s), (name + SUFFIX_COUNTS, cnt)]
-  infos, blobs, off = [], [], 0
-  for name, arr in tensors:
-    ne = tuple(reversed(arr.shape))
-    infos.append(
-      _gguf_str(name)
-      + struct.pack("<I", len(ne))
-      + struct.pack(f"<{len(ne)}Q", *ne)
-      + struct.pack("<IQ", _GGML_F32, off)
-    )
-    b = np.ascontiguousarray(arr, dtype="<f4").tobytes()
-    b += b"\0" * (-len(b) % align)
-    blobs.append(b)
-    off += len(b)
-  head = GGUF_MAGIC + struct.pack("<IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs) + b"".join(infos)
-  head += b"\0" * (-len(head) % align)
-  pathlib.Path(path).write_bytes(head + b"".join(blobs))
+    for suffix, arr in ((SUFFIX_SUMS, s), (SUFFIX_COUNTS, cnt)):
+      data = np.ascontiguousarray(arr, dtype="<f4").view(np.uint8).reshape(-1)
+      jobs.append(
+        TensorJob(name=name + suffix, ne=tuple(reversed(arr.shape)), qtype=f32, produce=lambda d=data: d)
+      )
+
+  def add_metadata(w) -> None:
+    w.add_type("imatrix")
+    w.add_array(KEY_DATASETS, list(datasets))
+    w.add_uint32(KEY_CHUNK_COUNT, chunk_count)
+    w.add_uint32(KEY_CHUNK_SIZE, chunk_size)
+
+  # gguf-py always writes general.architecture; llama.cpp's imatrix loader reads general.type and ignores it.
+  write_model_gguf(path, add_metadata, jobs, arch="imatrix")
 
 
 def write_imatrix(imat: Imatrix, path: str | pathlib.Path, fmt: str | None = None) -> None:

@@ -52,12 +52,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dq3jax.layouts import check_layout
 from dq3jax.model import undecided
 from dq3jax.qtypes import REGISTRY, GGMLType, qtype_of
 from dq3jax.quant import host
 from dq3jax.quant._arith import f16_bits_to_f32_bits, f32_bits_to_f16_bits
-
-LAYOUTS = ("split", "kv_b")
 
 
 def vec_dot_type(weight_type: str) -> str:
@@ -201,8 +200,7 @@ class ActQuant:
   rms_norm: str = "exact"
 
   def __post_init__(self):
-    if self.layout not in LAYOUTS:
-      raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+    check_layout(self.layout)
     if self.rms_norm not in ("exact", "ggml"):
       raise ValueError(f"rms_norm must be 'exact' or 'ggml', got {self.rms_norm!r}")
     for path, ty in self.weights:

@@ -283,16 +283,39 @@ def logits(
   *,
   dtype: Dtype | str = Dtype.FLOAT32,
   form: AttnForm | None = None,
-  intermediates: bool = False,
   mesh: jax.sharding.Mesh | None = None,
   act_quant: ActQuant | None = None,
   kv_cache: str = "f32",
   route_override=None,
-):
-  """Full-sequence logits [B, T, V] (numpy, in `dtype`) for tokens [B, T]; with intermediates=True returns
-  (logits, per-layer list of dicts, see transformer.Output). mesh: routed experts sharded over its first axis.
-  form: EXPANDED unless given or implied by act_quant (module doc). kv_cache: "f32" or "f16" (llama.cpp's
-  F16 KV cache, mla.py). route_override: forced expert ids per MoE layer (`route_overrides`)."""
+) -> np.ndarray:
+  """Full-sequence logits [B, T, V] (numpy, in `dtype`) for tokens [B, T].
+
+  mesh: routed experts sharded over its first axis. form: EXPANDED unless given or implied by act_quant
+  (module doc). kv_cache: "f32" or "f16" (llama.cpp's F16 KV cache, mla.py). route_override: forced expert ids
+  per MoE layer (`route_overrides`)."""
+  out = _full_forward(params, tokens, cfg, dtype, form, False, mesh, act_quant, kv_cache, route_override)
+  return _to_numpy(out.logits)
+
+
+def logits_and_intermediates(
+  params: dict,
+  tokens,
+  cfg: DeepseekV3Config,
+  *,
+  dtype: Dtype | str = Dtype.FLOAT32,
+  form: AttnForm | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  act_quant: ActQuant | None = None,
+  kv_cache: str = "f32",
+  route_override=None,
+) -> tuple[np.ndarray, list[dict]]:
+  """(logits [B, T, V], per-layer list of dicts of the layer's intermediates, see transformer.Output), with the
+  options of `logits`."""
+  out = _full_forward(params, tokens, cfg, dtype, form, True, mesh, act_quant, kv_cache, route_override)
+  return _to_numpy(out.logits), _to_numpy(out.intermediates)
+
+
+def _full_forward(params, tokens, cfg, dtype, form, intermediates, mesh, act_quant, kv_cache, route_override):
   dtype = Dtype(dtype)
   form = _form(form, act_quant, dtype, AttnForm.EXPANDED)
   tokens = np.asarray(tokens)
@@ -304,10 +327,9 @@ def logits(
 
       p = shard_params(p, cfg, mesh)
     kv_cache = _check_kv_cache(kv_cache)
-    out = _forward(p, jnp.asarray(tokens, jnp.int32), None, cfg, form, intermediates, act_quant, kv_cache, ov)
-    if intermediates:
-      return _to_numpy(out.logits), _to_numpy(out.intermediates)
-    return _to_numpy(out.logits)
+    return _forward(
+      p, jnp.asarray(tokens, jnp.int32), None, cfg, form, intermediates, act_quant, kv_cache, ov
+    )
 
 
 def incremental_logits(

@@ -1,6 +1,6 @@
 """Public quantize/dequantize: numpy in, numpy out, byte-identical to ggml.
 
-Underneath are jit-compiled block kernels on `jax.Array`s (see kquants.py, legacy.py,
+Underneath are jit-compiled block kernels on `jax.Array`s (see kquants.py, legacy.py, iq4.py,
 floats.py, dequant.py), and numpy bit conversions on the host (host.py); which kernel computes
 a type, and how it is called (its family), is the type's entry in dq3jax.qtypes.REGISTRY. This
 module validates input, lays rows out as blocks, runs the fast float32 kernel, re-runs the few
@@ -34,7 +34,8 @@ def _check_kernels_resolve() -> None:
   # import error instead of a failure at that type's first use.
   for q in REGISTRY.values():
     if q.kernels is not None:
-      q.kernels.quantizer()
+      if q.kernels.quantize is not None:
+        q.kernels.quantizer()
       q.kernels.dequantizer()
 
 
@@ -299,8 +300,9 @@ def quantize(x, qtype, *, imatrix=None) -> np.ndarray:
   """
   q = qtype_of(qtype)
   k = q.kernels
-  if k is None:
-    raise ValueError(f"dq3jax has no quantizer for {q.name}")
+  if not q.computable:
+    can = ", ".join(t.name for t in REGISTRY.values() if t.computable)
+    raise ValueError(f"dq3jax has no quantizer for {q.name}; it quantizes {can}")
   rows_x = _as_rows(x, "x")
   rows, n = rows_x.shape
   if n % q.block_elems:

@@ -1,7 +1,8 @@
 """Dequantization kernels: block bytes `[nb, block_bytes]` uint8 -> float32 `[nb, block_elems]`.
 
 Bit-identical to ggml's `to_float`. Every product here is exact in float32 (an fp16 scale has 11
-significant bits, the codes at most 8) and every result is a multiple of 2**-24 or 0, so neither
+significant bits, the codes at most 8; IQ4_XS's fp16 d times a 6-bit scale times a 7-bit level is at most
+11 + 5 + 7 bits) and every result is a multiple of 2**-24 or 0, so neither
 FMA contraction nor flush-to-zero can change a bit; we only keep C's order of operations. The
 exceptions are Q8_K (a float32 scale: its products can round and underflow) and F16, which is
 converted with integer bit operations (F32 and BF16 are bit reinterpretations, done on the host: host.py).
@@ -14,9 +15,11 @@ the element loop, XLA recomputed them for every element, which made Q4_K 10x slo
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dq3jax.quant._arith import ExactArith, f16_bits_to_f32_bits, materialize
+from dq3jax.quant.iq4 import KVALUES
 
 
 def _f16(lo, hi):
@@ -171,3 +174,30 @@ def q8_k(b, z):
   A = ExactArith(z, nb)  # the caller enables x64 for this kernel
   v = A.round32(A.from_f32_bits(dbits)[:, None] * q.astype(jnp.float64))
   return lax.bitcast_convert_type(A.to_f32_bits(v), jnp.float32)
+
+
+def _iq4_levels(codes):
+  """Codes 0..15 -> KVALUES as float32."""
+  out = jnp.full(codes.shape, np.float32(KVALUES[0]), jnp.float32)
+  for k in range(1, 16):
+    out = jnp.where(codes == k, np.float32(KVALUES[k]), out)
+  return out
+
+
+def iq4_nl(b, z):
+  d = materialize(z, _f16(b[:, 0], b[:, 1]))
+  return d[:, None] * _iq4_levels(_nibbles(b[:, 2:]))
+
+
+def iq4_xs(b, z):
+  nb = b.shape[0]
+  d = _f16(b[:, 0], b[:, 1])
+  scales_h = b[:, 2].astype(jnp.int32) | (b[:, 3].astype(jnp.int32) << 8)
+  scales_l = b[:, 4:8].astype(jnp.int32)
+  ib = jnp.arange(8, dtype=jnp.int32)
+  low = (scales_l[:, ib // 2] >> (4 * (ib % 2))) & 0xF  # [nb, 8]
+  ls = low | (((scales_h[:, None] >> (2 * ib)) & 3) << 4)
+  dl = materialize(z, d[:, None] * _f(ls - 32))  # [nb, 8]: C's d * (ls - 32), then times the level
+  qs = b[:, 8:].reshape(nb, 8, 16).astype(jnp.int32)
+  codes = jnp.concatenate([qs & 0xF, qs >> 4], axis=2)  # [nb, 8, 32]
+  return (dl[:, :, None] * _iq4_levels(codes)).reshape(nb, -1)

@@ -76,6 +76,34 @@ def _negative_zero(rng, rows, n):
   return x
 
 
+# IQ4_NL/IQ4_XS's non-linear levels (ggml's kvalues_iq4nl) and the midpoints between neighbours, where
+# best_index_int8's float32 `x - lo < hi - x` decides a tie (for the upper level).
+_IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float64)
+_IQ4_GRID = np.concatenate([_IQ4_LEVELS, (_IQ4_LEVELS[:-1] + _IQ4_LEVELS[1:]) / 2])
+
+
+def _iq4_grid(rng, rows, n):
+  """32-element groups on IQ4's level grid times a power of two: exact level hits and exact ties.
+
+  Group g leads with its first absolute maximum m = sign * 127 * 2**e; the rest are +-sign * 2**e times a
+  level or a midpoint between levels. ggml's first trial (inverse scale 1/(m/127)) maps the + groups
+  exactly onto the grid, its trial with inverse scale -127/m the - groups. Half the groups hold levels
+  only: the - ones are fitted exactly by that trial, so their least-squares scale is exactly
+  -sign * 2**e and IQ4_NL's final codes hit levels exactly. Powers of two differ by at most 8 within a
+  256-block, so IQ4_XS's 6-bit group scales often snap to exact powers of two, and the final codes of
+  its groups holding midpoints are then decided at exact ties.
+  """
+  g = n // 32
+  e = rng.integers(-12, 6, size=(rows, 1, 1)) - rng.integers(0, 4, size=(rows, g, 1))
+  sign = np.where(rng.random((rows, g, 1)) < 0.5, -1.0, 1.0)
+  orient = np.where(rng.random((rows, g, 1)) < 0.5, -1.0, 1.0)
+  pick = rng.integers(0, _IQ4_GRID.size, size=(rows, g, 32))
+  levels_only = rng.random((rows, g, 1)) < 0.5
+  v = orient * sign * _IQ4_GRID[np.where(levels_only, pick % _IQ4_LEVELS.size, pick)]
+  v[:, :, :1] = sign * 127.0
+  return (v * np.exp2(e)).reshape(rows, n)
+
+
 KINDS = {
   "gaussian": _gaussian,
   "heavy_tail_outliers": _heavy_tail_outliers,
@@ -85,6 +113,13 @@ KINDS = {
   "fp16_limit": _fp16_limit,
   "ties": _ties,
   "negative_zero": _negative_zero,
+}
+
+# Kinds aimed at one type family. The cross-check runs them for every type (after KINDS, so the inputs of
+# the kinds above stay as they were); the kernel goldens take KINDS only, so adding one here leaves the
+# existing goldens unchanged.
+CROSSCHECK_KINDS = {
+  "iq4_grid": _iq4_grid,
 }
 
 # Share of the blocks each kind gets. Kinds whose blocks underflow in float32 run on the slower
@@ -98,17 +133,20 @@ SHARES = {
   "fp16_limit": 0.08,
   "ties": 0.09,
   "negative_zero": 0.08,
+  "iq4_grid": 0.05,
 }
 
 
 def imatrix_for(rng, n, kind_index: int):
-  """Importance weights: squared gaussian, with 30 % zeros, or heavy-tailed (log-normal)."""
+  """Importance weights: squared gaussian, with 30 % zeros (and 10 % of 32-column groups all zero: the
+  weighted sums of a group's search are then 0), or heavy-tailed (log-normal)."""
   variant = kind_index % 3
   if variant == 0:
     w = rng.standard_normal(n) ** 2
   elif variant == 1:
     w = rng.standard_normal(n) ** 2
     w[rng.random(n) < 0.3] = 0.0
+    w.reshape(-1, 32)[rng.random(n // 32) < 0.1] = 0.0
   else:
     w = rng.lognormal(0.0, 3.0, size=n)
   return w.astype(np.float32)
@@ -134,7 +172,7 @@ def cases(total_elems: int, seed: int, with_imatrix: bool):
       rows = max(1, min(budget // n, (1 << 19) // n))
       case_seed = int(rng.integers(1 << 31))
       crng = np.random.default_rng(case_seed)
-      x = KINDS[kind](crng, rows, n).astype(np.float32)
+      x = (KINDS | CROSSCHECK_KINDS)[kind](crng, rows, n).astype(np.float32)
       im = imatrix_for(crng, n, wi) if with_imatrix else None
       budget -= rows * n
       yield Case(kind, case_seed, x, im)

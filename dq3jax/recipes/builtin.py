@@ -158,6 +158,8 @@ BUILTIN = (*PRESETS, "DQ3_K_M")
 
 
 def builtin_recipe(name: str, rules: str = "current") -> Recipe:
+  """The built-in recipe `name` (a llama.cpp preset such as "Q4_K_M", or "DQ3_K_M"; case-insensitive) under
+  the rule set `rules` ("current" or "legacy", llama.cpp's early-2025 rules)."""
   rs = rule_set(rules)
   key = name.strip().upper()
   if key == "DQ3_K_M":

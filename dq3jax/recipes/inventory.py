@@ -18,7 +18,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-LAYOUTS = ("kv_b", "split")
+from dq3jax.layouts import check_layout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,8 +131,7 @@ def _t(name: str, ne: tuple[int, ...], layer: int | None, src: str | None = None
 
 
 def layer_tensors(d: ModelDims, i: int, layout: str) -> list[TensorInfo]:
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  check_layout(layout)
   b = f"blk.{i}."
   qk_head = d.qk_nope + d.qk_rope
   out = [_t(b + "attn_norm.weight", (d.hidden,), i)]
@@ -209,4 +208,5 @@ def inventory(d: ModelDims, layout: str) -> list[TensorInfo]:
 def inventory_from_config(
   cfg: Mapping[str, Any], *, layout: str = "split", layers: int | None = None, experts: int | None = None
 ) -> list[TensorInfo]:
+  """Every GGUF tensor of an HF config (a dict of config.json), optionally truncated, in llama-quantize's order."""
   return inventory(dims_from_config(cfg, layers=layers, experts=experts), layout)

@@ -58,6 +58,8 @@ class PlannedTensor:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
+  """Every tensor of a model with the type a recipe gives it (what `dq3jax plan` prints and quantize writes)."""
+
   recipe: Recipe
   rules: RuleSet
   layout: str
@@ -122,6 +124,9 @@ def tensor_env(t: TensorInfo, dims: ModelDims, n_gqa: int) -> dict[str, int | No
 def make_plan(
   tensors: Sequence[TensorInfo], dims: ModelDims, recipe: Recipe, rs: RuleSet, layout: str
 ) -> Plan:
+  """The type, size and reason llama-quantize (under rule set `rs`) would give each of `tensors` for
+  `recipe`: tensors it leaves alone keep their source type, the others go through the recipe's rules, the
+  driver rules and the shape fallbacks."""
   n_gqa = n_gqa_for(dims, layout)
   out = []
   for t in tensors:
@@ -167,6 +172,7 @@ def plan_from_config(
   layers: int | None = None,
   experts: int | None = None,
 ) -> Plan:
+  """make_plan for the model an HF config describes (optionally truncated); `recipe` a name or a path."""
   rs = get_rule_set(rules)
   r = resolve_recipe(recipe, rules=rules) if isinstance(recipe, str) else recipe
   dims = dims_from_config(cfg, layers=layers, experts=experts)

@@ -40,6 +40,7 @@ _RULE_KEYS = {"match", "when", "type", "source"}
 
 
 def recipe_from_dict(d: Mapping[str, Any], *, rules: str = "current", where: str = "recipe") -> Recipe:
+  """A Recipe from its JSON form (README, "Recipes as data"); RecipeError naming `where` and the bad key."""
   if not isinstance(d, Mapping):
     raise RecipeError(f"{where}: expected a JSON object")
   extra = set(d) - _TOP_KEYS
@@ -84,6 +85,7 @@ def recipe_from_dict(d: Mapping[str, Any], *, rules: str = "current", where: str
 
 
 def load_recipe_file(path: str | pathlib.Path, *, rules: str = "current") -> Recipe:
+  """The Recipe a JSON recipe file describes (see recipe_from_dict)."""
   p = pathlib.Path(path)
   try:
     d = json.loads(p.read_text())

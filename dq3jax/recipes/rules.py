@@ -29,7 +29,7 @@ UNQUANTIZED = ("F32", "F16", "BF16")
 
 
 class RecipeError(ValueError):
-  pass
+  """A recipe that cannot be built or applied; the message names the recipe and the offending part."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +73,9 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Recipe:
+  """A named quantization recipe: a default type, rules overriding it per tensor (first match wins), and
+  tensors to keep in their source type."""
+
   name: str
   default_type: str
   rules: tuple[Rule, ...]

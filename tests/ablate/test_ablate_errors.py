@@ -85,11 +85,20 @@ def test_text_without_tokenizer(capsys, tmp_path, tiny):
   _fails(capsys, [str(d), "--text", str(text)], "tokenizer.json not found")
 
 
-def test_sensitivity_type_and_legacy_fallback(capsys):
+def test_sensitivity_type(capsys):
   _fails(capsys, [*TINY, "--sensitivity", "--sensitivity-type", "Q9_X"], "--sensitivity-type", "Q9_X")
   _fails(capsys, [*TINY, "--sensitivity-type", "Q4_K"], "needs --sensitivity")
-  # Legacy rules send Q2_K rows that are not multiples of 256 to IQ4_NL, which dq3jax cannot quantize.
-  _fails(capsys, ["--recipes", "Q2_K", "--rules", "legacy"], "attn_k_b", "IQ4_NL", "cannot quantize")
+
+
+def test_recipe_type_without_a_fallback_for_the_row_width(capsys, tmp_path):
+  # v3-tiny's expert rows are 32 wide; IQ2_XXS needs 256 and llama.cpp defines no fallback for it.
+  recipe = tmp_path / "iq2.json"
+  recipe.write_text(
+    '{"name": "iq2", "default_type": "Q4_K", "rules": [{"match": "ffn_.*_exps", "type": "IQ2_XXS"}]}'
+  )
+  _fails(
+    capsys, [*TINY, "--recipes", str(recipe)], "ffn_down_exps.weight", "no fallback is defined for IQ2_XXS"
+  )
 
 
 @pytest.mark.parametrize("value", ["Q2_K", "q2_k", "Q8_0"])

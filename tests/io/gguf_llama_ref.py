@@ -117,7 +117,7 @@ def routing_margins(params: dict, cfg, tokens) -> np.ndarray:
   output by far more than rounding; such positions are reported, not compared."""
   from dq3jax.model import runner
 
-  _, inter = runner.logits(params, np.asarray(tokens)[None], cfg, intermediates=True)
+  _, inter = runner.logits_and_intermediates(params, np.asarray(tokens)[None], cfg)
   t = len(tokens)
   margin = np.full(t, np.inf)
   for i, rec in enumerate(inter):

@@ -13,7 +13,7 @@ import pytest
 
 from dq3jax.convert.quantize import get_recipe, make_jobs, plan_for, quantize_to_gguf
 from dq3jax.convert.sources import ParamsSource
-from dq3jax.io import gguf_meta, gguf_read
+from dq3jax.io import gguf_layout, gguf_meta, gguf_read
 from dq3jax.io.gguf_read import GGUFError
 from dq3jax.io.gguf_write import write_gguf
 from dq3jax.io.imatrix import read_imatrix
@@ -115,19 +115,20 @@ def test_type_outside_the_registry(good, tmp_path):
     gguf_read.read_gguf(p)
 
 
-def test_type_dq3jax_cannot_dequantize(good, tmp_path):
-  # IQ4_NL is a real ggml type (llama.cpp's legacy fallback): the registry knows its size, not its kernels.
-  f = gguf_read.read_gguf(good[2])
-  at = _type_field(f, "output_norm.weight")
-  data = bytearray(good[3])
-  data[at : at + 4] = struct.pack("<I", 20)
-  p = _variant(tmp_path, bytes(data))
-  info = f.tensors["output_norm.weight"].info_offset
+def test_type_dq3jax_cannot_dequantize(tmp_path):
+  # TQ1_0 is a real ggml type (ternary): the registry knows its size, so the header parses, not its kernels.
+  from dq3jax.io.gguf_write import TensorJob  # noqa: PLC0415
+  from dq3jax.qtypes import qtype_of  # noqa: PLC0415
+
+  p = tmp_path / "tq.gguf"
+  job = TensorJob(name="t", ne=(256, 2), qtype=qtype_of("TQ1_0"), produce=lambda: np.zeros(2 * 54, np.uint8))
+  write_gguf(p, lambda w: None, [job], arch="test")
+  f = gguf_read.read_gguf(p)
+  info = f.tensors["t"].info_offset
   with pytest.raises(
-    GGUFError,
-    match=re.escape(f"'output_norm.weight' (header entry at offset {info}) has type IQ4_NL (id 20)"),
+    GGUFError, match=re.escape(f"'t' (header entry at offset {info}) has type TQ1_0 (id 34)")
   ):
-    gguf_read.load(p)
+    f.array("t")
 
 
 def test_missing_tensor(good, tmp_path):
@@ -213,12 +214,27 @@ def test_q2_k_s_without_imatrix_is_refused_before_writing(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-def test_legacy_fallback_type_dq3jax_cannot_compute(good, tmp_path):
+def test_legacy_fallback_to_iq4_nl_is_written_as_ggml_quantizes_it(good, tmp_path):
   cfg, params, _, _ = good
-  # Legacy rules send Q3_K targets with rows not a multiple of 256 to IQ4_NL, which dq3jax lacks.
-  with pytest.raises(ValueError, match=r"IQ4_NL.*fallback from Q3_K.*cannot quantize"):
-    quantize_to_gguf(ParamsSource(params, cfg), tmp_path / "out.gguf", "Q3_K_M", rules="legacy")
-  assert os.listdir(tmp_path) == []
+  # Legacy rules send Q3_K targets with rows not a multiple of 256 to IQ4_NL; each such tensor's bytes are
+  # what live ggml makes of the same float32 rows.
+  from reference import ggml_ref  # noqa: PLC0415
+
+  out = tmp_path / "out.gguf"
+  res = quantize_to_gguf(ParamsSource(params, cfg), out, "Q3_K_M", rules="legacy")
+  fell = [t for t in res.tensors if t.type == "IQ4_NL"]
+  assert fell and {t.fallback_from for t in fell} <= {"Q3_K", "Q2_K"}
+  f = gguf_read.read_gguf(out)
+  for t in fell:
+    m = gguf_layout.mapping(t.name)
+    assert m.kind in (gguf_layout.Kind.LEAF, gguf_layout.Kind.EXPERTS), t.name
+    node = params
+    for key in m.path:
+      node = node[int(key)] if key.isdigit() else node[key]
+    rows = np.asarray(node, np.float32).reshape(-1, t.ne[0])
+    want = ggml_ref.quantize(rows, 20).reshape(-1)
+    got = f.raw(t.name)
+    assert got.size == want.size and np.array_equal(got, want), t.name
 
 
 def test_imatrix_token_embd_of_wrong_size_is_ignored_like_llama_quantize(good, tmp_path):

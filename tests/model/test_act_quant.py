@@ -174,10 +174,13 @@ def test_mapping_from_gguf_names():
   with pytest.raises(KeyError, match="wq_a"):
     aq.weight_type(("layers", "0", "attn", "wq_a"))
   assert gguf_act_quant.from_gguf_types({"blk.0.attn_kv_b.weight": "Q8_0"}).layout == "kv_b"
-  with pytest.raises(ValueError, match="IQ2_XXS"):
-    gguf_act_quant.from_gguf_types({"output.weight": "IQ2_XXS"})
-  with pytest.raises(ValueError, match="IQ4_NL"):  # a registry type, but no weight dq3jax multiplies
-    gguf_act_quant.from_gguf_types({"output.weight": "IQ4_NL"})
+  with pytest.raises(ValueError, match="TQ1_0"):  # a registry type, but no weight dq3jax multiplies
+    gguf_act_quant.from_gguf_types({"output.weight": "TQ1_0"})
+  with pytest.raises(ValueError, match="IQ5_K"):  # not a ggml type at all
+    gguf_act_quant.from_gguf_types({"output.weight": "IQ5_K"})
+  iq = gguf_act_quant.from_gguf_types({"output.weight": "IQ2_XXS", "blk.0.attn_k_b.weight": "IQ4_NL"})
+  assert iq.weight_type(("lm_head",)) == "IQ2_XXS" and act_quant.vec_dot_type("IQ2_XXS") == "Q8_K"
+  assert act_quant.vec_dot_type("IQ4_NL") == "Q8_0" and act_quant.vec_dot_type("IQ4_XS") == "Q8_K"
   # Static for jit: equal contents, equal hash.
   again = gguf_act_quant.from_gguf_types({"output.weight": "Q6_K", "blk.0.attn_k_b.weight": "Q5_0"})
   assert again == gguf_act_quant.from_gguf_types({"blk.0.attn_k_b.weight": "Q5_0", "output.weight": "Q6_K"})

@@ -23,7 +23,7 @@ mesh = Mesh(np.array(jax.devices()), ("expert",))
 out = {}
 for dtype in ("float32", "float64"):
   single = runner.logits(params, tokens, cfg, dtype=dtype)
-  sharded, inter = runner.logits(params, tokens, cfg, dtype=dtype, mesh=mesh, intermediates=True)
+  sharded, inter = runner.logits_and_intermediates(params, tokens, cfg, dtype=dtype, mesh=mesh)
   out[dtype] = float(np.abs(sharded - single).max() / np.abs(single).max())
 from dq3jax.model.sharding import shard_params
 w = shard_params(runner.cast_params(params, runner.Dtype.FLOAT32), cfg, mesh)["layers"][1]["mlp"]["experts"]["w_gate"]

@@ -84,7 +84,7 @@ def test_bfloat16_runs_and_tracks_float32(model, f64_logits):
 
 def test_intermediates(model, f64_logits):
   cfg, params, tokens = model
-  logits, inter = runner.logits(params, tokens, cfg, dtype="float64", intermediates=True)
+  logits, inter = runner.logits_and_intermediates(params, tokens, cfg, dtype="float64")
   np.testing.assert_array_equal(logits, f64_logits)
   assert len(inter) == cfg.num_hidden_layers
   b, t = tokens.shape

@@ -27,11 +27,11 @@ def _leaves(out):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_forcing_the_models_own_choice_changes_nothing(dtype):
-  logits, inter = runner.logits(PARAMS, TOKENS, CFG, dtype=dtype, intermediates=True)
+  logits, inter = runner.logits_and_intermediates(PARAMS, TOKENS, CFG, dtype=dtype)
   own = {i: inter[i]["topk_ids"] for i in MOE}
   reversed_order = {i: ids[..., ::-1].copy() for i, ids in own.items()}  # order does not matter
   for ov in (own, reversed_order):
-    got = runner.logits(PARAMS, TOKENS, CFG, dtype=dtype, intermediates=True, route_override=ov)
+    got = runner.logits_and_intermediates(PARAMS, TOKENS, CFG, dtype=dtype, route_override=ov)
     for a, b in zip(_leaves((logits, inter)), _leaves(got), strict=True):
       np.testing.assert_array_equal(a, b)
   inc = runner.incremental_logits(PARAMS, TOKENS, CFG, prefill=4, dtype=dtype)
@@ -67,12 +67,12 @@ def _moe_numpy(p, x, ids, cfg):
 
 def test_forcing_other_experts_changes_that_token_as_numpy_computes_it():
   layer, b, t = MOE[0], 1, 6
-  _, base = runner.logits(PARAMS, TOKENS, CFG, dtype="float64", intermediates=True)
+  _, base = runner.logits_and_intermediates(PARAMS, TOKENS, CFG, dtype="float64")
   own = base[layer]["topk_ids"][b, t]
   other = np.array([e for e in range(CFG.n_routed_experts) if e not in own][: CFG.num_experts_per_tok])
   ov = np.full((*TOKENS.shape, CFG.num_experts_per_tok), -1)
   ov[b, t] = other
-  _, got = runner.logits(PARAMS, TOKENS, CFG, dtype="float64", intermediates=True, route_override={layer: ov})
+  _, got = runner.logits_and_intermediates(PARAMS, TOKENS, CFG, dtype="float64", route_override={layer: ov})
 
   rec, ref = got[layer], base[layer]
   np.testing.assert_array_equal(rec["hidden_after_attn"], ref["hidden_after_attn"])  # attention comes first
@@ -94,7 +94,7 @@ def test_forcing_other_experts_changes_that_token_as_numpy_computes_it():
 
 
 def test_router_scores_are_the_biased_selection_scores():
-  _, inter = runner.logits(PARAMS, TOKENS, CFG, dtype="float64", intermediates=True)
+  _, inter = runner.logits_and_intermediates(PARAMS, TOKENS, CFG, dtype="float64")
   for i in MOE:
     p = PARAMS["layers"][i]
     x = _rms(inter[i]["hidden_after_attn"], p["ffn_norm"], CFG.rms_norm_eps)

@@ -110,7 +110,7 @@ def test_evaluate_reports_counts_per_layer_and_token():
   tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 16))
   ev = runner.evaluate(params, tokens, cfg, decode_from=12)
   assert set(ev.undecided) >= {f"blk.{i}.router.{k}" for i in (1, 2) for k in ("topk", "order", "group")}
-  _, inter = runner.logits(params, tokens, cfg, dtype="float64", intermediates=True)
+  _, inter = runner.logits_and_intermediates(params, tokens, cfg, dtype="float64")
   for i in (1, 2):
     ids = inter[i]["topk_ids"][0]
     sel = np.array([(0 in row) != (1 in row) for row in ids])  # one selected, the other not

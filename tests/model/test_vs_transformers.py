@@ -74,7 +74,7 @@ def test_logits_and_experts_match_transformers(case, dtype):
 
   directory, tokens = case
   cfg, params = safetensors_ckpt.load(directory)
-  ours, inter = runner.logits(params, tokens, cfg, dtype=dtype, intermediates=True)
+  ours, inter = runner.logits_and_intermediates(params, tokens, cfg, dtype=dtype)
   ref = hf_deepseek.run(directory, tokens, dtype)
   assert ours.dtype == ref["logits"].dtype == np.dtype(dtype)
   scale = np.abs(ref["logits"]).max()

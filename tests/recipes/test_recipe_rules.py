@@ -223,8 +223,9 @@ def test_size_only_types():
   from dq3jax.qtypes import REGISTRY
   from dq3jax.recipes.sizes import tensor_bytes, type_size
 
-  # Sizes come from the registry alone: size-only types are its storable entries without kernels.
-  assert type_size("iq4_nl") is REGISTRY[20] and not type_size("IQ4_NL").computable
+  # Sizes come from the registry alone, also for the types without a quantizer.
+  assert type_size("iq4_nl") is REGISTRY[20] and type_size("IQ4_NL").computable
+  assert not type_size("IQ2_XXS").computable and not type_size("TQ1_0").dequantizable
   assert type_size("Q4_K").computable
   assert tensor_bytes("IQ4_NL", (128, 512, 128)) == 4 * 18 * 512 * 128
   with pytest.raises(ValueError, match="not a storage type"):

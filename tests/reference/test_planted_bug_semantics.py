@@ -76,8 +76,8 @@ def test_llama_cpp_on_the_plant_is_dq3jax_with_the_bug(bug, model, tmp_path):
   tokens, prefill, cfg, params = model
   B.apply(bug, GGUF, tmp_path / "bug.gguf")
   lc = R.run(tmp_path / "bug.gguf", tokens, prefill, R.Settings(kv_cache="f32"))
-  logits, inter = runner.logits(
-    params, np.asarray(tokens)[None], dataclasses.replace(cfg, **_engine_bug(cfg, bug)), intermediates=True
+  logits, inter = runner.logits_and_intermediates(
+    params, np.asarray(tokens)[None], dataclasses.replace(cfg, **_engine_bug(cfg, bug))
   )
   clean = R.run(GGUF, tokens, prefill, R.Settings(kv_cache="f32"))
   effect = max(nmse(clean[k], lc[k]) for k in lc if not k.startswith("meta.") and not k.endswith("topk_ids"))
