@@ -142,7 +142,7 @@ def make_jobs(
       q = qtype_of(ty)
     except ValueError:
       q = None
-    if q is None or not q.computable:  # e.g. IQ4_NL: the registry knows its size, not how to compute it
+    if q is None or not q.computable:  # e.g. IQ2_XXS: the registry knows its size, no quantizer yet
       raise RecipeError(
         f"{t.name}: recipe {plan.recipe.name} ({plan.rules.name} rules) gives {ty}"
         f"{f' (fallback from {t.fallback_from})' if t.fallback_from else ''}, which dq3jax cannot quantize"

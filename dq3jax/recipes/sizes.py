@@ -1,8 +1,7 @@
 """Storage size of a tensor in a given ggml type, for planning without weights.
 
-Every fact comes from `dq3jax.qtypes.REGISTRY`. llama.cpp's shape fallbacks can produce types dq3jax cannot
-(yet) quantize or dequantize (IQ4_NL); the registry has them as storable entries without kernels
-(`QType.computable` is False), so a plan still knows their size.
+Every fact comes from `dq3jax.qtypes.REGISTRY`, which also sizes the types dq3jax cannot quantize (the i-quants
+below IQ4, the ternary types; `QType.computable` is False), so a plan of a published mix still knows their size.
 """
 
 from __future__ import annotations

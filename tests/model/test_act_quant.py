@@ -104,7 +104,7 @@ def test_round_trip_equals_the_cpu_backend(ggml_cpu, act_type):
   got = np.asarray(jax.jit(round_trip, static_argnums=1)(x, act_type))
   want = _cpu_values(ggml_cpu, x, act_type)
   bad = np.argwhere(got.view(np.uint32) != want.view(np.uint32))
-  assert not len(bad), (
+  assert bad.shape[0] == 0, (
     f"{len(bad)} values differ, first at {bad[0]}: {got[tuple(bad[0])]} vs {want[tuple(bad[0])]}"
   )
 
