@@ -1,7 +1,10 @@
 """Kernel throughput: dq3jax quantize/dequantize next to ggml's single-thread reference, same run.
 
 Elements per second with the jit warm (compile excluded), median of `repeats`; ggml is called
-through ctypes on the same input (`ggml_quantize_chunk`, `to_float`), one thread.
+through ctypes on the same input (`ggml_quantize_chunk`, `to_float`), one thread. The types dq3jax only
+dequantizes (IQ1_S..IQ3_S) get dequantize rows alone, on bytes from ggml's own quantizer given the
+importance matrix (IQ1_S, IQ2_XXS and IQ2_XS refuse to quantize without one; the others use it too, as
+llama.cpp's i-quant files do).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 import numpy as np
 
 import dq3jax
-from dq3jax.qtypes import computable
+from dq3jax.qtypes import REGISTRY, computable
 from reference import ggml_ref
 
 
@@ -48,18 +51,35 @@ def run(rows: int = 256, n: int = 4096, repeats: int = 3, types: list[str] | Non
         "quantize_ratio": t_ggml / t_ours,
       }
       if mode == "ref":
-        data = ggml_ref.quantize(x, q.id)
-        dq3jax.dequantize(data, q, x.shape)
-        d_ours = _median_time(lambda data=data, q=q: dq3jax.dequantize(data, q, x.shape), repeats)
-        d_ggml = _median_time(lambda data=data, q=q: ggml_ref.dequantize(data, q.id, x.size), repeats)
-        row |= {
-          "dequantize_dq3jax_Mel_s": x.size / d_ours / 1e6,
-          "dequantize_ggml_Mel_s": x.size / d_ggml / 1e6,
-          "dequantize_ratio": d_ggml / d_ours,
-        }
+        row |= _dequant_row(ggml_ref.quantize(x, q.id), q, x.shape, repeats)
       results.append(row)
       print(_fmt_row(row), flush=True)
+  for q in dequantize_only():
+    if types and q.name not in types:
+      continue
+    row = {"type": q.name, "mode": "imatrix", "elements": x.size}
+    row |= _dequant_row(ggml_ref.quantize(x, q.id, imatrix), q, x.shape, repeats)
+    results.append(row)
+    print(_fmt_row(row), flush=True)
   return results
+
+
+def dequantize_only() -> list:
+  """The stored types dq3jax dequantizes but cannot quantize, in registry order."""
+  return [q for q in REGISTRY.values() if q.storable and q.dequantizable and not q.computable]
+
+
+def _dequant_row(data: np.ndarray, q, shape: tuple[int, int], repeats: int) -> dict:
+  """dq3jax's dequantize of ggml's bytes next to ggml's to_float of the same bytes."""
+  size = shape[0] * shape[1]
+  dq3jax.dequantize(data, q, shape)  # warm the jit
+  d_ours = _median_time(lambda: dq3jax.dequantize(data, q, shape), repeats)
+  d_ggml = _median_time(lambda: ggml_ref.dequantize(data, q.id, size), repeats)
+  return {
+    "dequantize_dq3jax_Mel_s": size / d_ours / 1e6,
+    "dequantize_ggml_Mel_s": size / d_ggml / 1e6,
+    "dequantize_ratio": d_ggml / d_ours,
+  }
 
 
 def _fmt_row(r: dict) -> str:
@@ -68,10 +88,12 @@ def _fmt_row(r: dict) -> str:
     if "dequantize_ratio" in r
     else " " * 26
   )
-  return (
-    f"| {r['type']:5s} | {r['mode']:7s} | {r['quantize_dq3jax_Mel_s']:8.2f} | {r['quantize_ggml_Mel_s']:8.2f} "
-    f"| {r['quantize_ratio']:6.3f} | {deq} |"
+  quant = (
+    f"{r['quantize_dq3jax_Mel_s']:8.2f} | {r['quantize_ggml_Mel_s']:8.2f} | {r['quantize_ratio']:6.3f}"
+    if "quantize_ratio" in r
+    else f"{'-':>8s} | {'-':>8s} | {'-':>6s}"  # no dq3jax quantizer (dequantize-only type)
   )
+  return f"| {r['type']:5s} | {r['mode']:7s} | {quant} | {deq} |"
 
 
 HEADER = (

@@ -191,7 +191,7 @@ def test_regeneration_under_another_isa_reproduces_the_committed_bytes():
     hashes = json.loads(out.strip().splitlines()[-1])
     assert set(hashes) == want
     bad = [rel for rel, h in hashes.items() if h != FILES[rel]["sha256"]]
-    assert not bad, f"XLA_FLAGS={flags!r}: {bad} differ from the committed goldens"
+    assert bad == [], f"XLA_FLAGS={flags!r}: {bad} differ from the committed goldens"
 
 
 def _tensors(path):
@@ -223,7 +223,7 @@ def test_golden_gguf_is_what_llama_quantize_makes(recipe, tmp_path):
   want, got = _tensors(ref), _tensors(ROOT / _gguf(model, recipe))
   assert list(got) == list(want)
   bad = [n for n in want if want[n] != got[n]]
-  assert not bad, f"{len(bad)} tensors differ from llama_model_quantize: {bad[:5]}"
+  assert bad == [], f"{len(bad)} tensors differ from llama_model_quantize: {bad[:5]}"
 
 
 @pytest.mark.crosscheck

@@ -56,7 +56,7 @@ def test_layer_imports_only_what_it_may(layer):
     for target in _imports(path):
       if not target.startswith("!") and not _allowed(target, ALLOWED[layer]):
         bad.append(f"{path.relative_to(PACKAGE.parent)} imports dq3jax.{target}")
-  assert not bad, "\n".join(bad)
+  assert bad == [], "\n".join(bad)
 
 
 def test_the_package_never_imports_reference_or_tests():
@@ -66,7 +66,7 @@ def test_the_package_never_imports_reference_or_tests():
     for t in _imports(p)
     if t.startswith("!")
   ]
-  assert not bad, "\n".join(bad)
+  assert bad == [], "\n".join(bad)
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):

@@ -44,7 +44,7 @@ def test_gguf_py_size_table_is_read_only_by_the_registry():
     or (isinstance(n, ast.Name) and n.id == "GGML_QUANT_SIZES")
     or (isinstance(n, ast.ImportFrom) and any(a.name == "GGML_QUANT_SIZES" for a in n.names))
   ]
-  assert not found, f"gguf.GGML_QUANT_SIZES read outside dq3jax/qtypes.py (ask the registry): {found}"
+  assert found == [], f"gguf.GGML_QUANT_SIZES read outside dq3jax/qtypes.py (ask the registry): {found}"
 
 
 def _type_key(k: ast.expr | None) -> bool:
@@ -86,7 +86,7 @@ def test_no_literal_per_type_tables_outside_the_registry():
       allowed = (str(p.relative_to(PACKAGE.parent)), keys) in _ALLOWED_TABLES
       if all(_per_type_fact(v) for v in n.values) and not allowed:
         found.append(_where(p, n))
-  assert not found, f"per-type tables outside dq3jax/qtypes.py (make them registry fields): {found}"
+  assert found == [], f"per-type tables outside dq3jax/qtypes.py (make them registry fields): {found}"
 
 
 def _named(tree: ast.Module) -> set[tuple[str, str]]:
@@ -103,7 +103,7 @@ def _named(tree: ast.Module) -> set[tuple[str, str]]:
 def test_kernels_are_named_only_by_the_registry():
   refs = _kernel_refs()
   found = [f"{p.relative_to(PACKAGE.parent)}: {m}.{f}" for p, t in _sources() for m, f in _named(t) & refs]
-  assert not found, f"kernels named outside dq3jax/qtypes.py: {found}"
+  assert found == [], f"kernels named outside dq3jax/qtypes.py: {found}"
 
 
 def test_every_kernel_module_function_is_reachable():
@@ -116,7 +116,7 @@ def test_every_kernel_module_function_is_reachable():
       if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
         if (module, node.name) not in refs | used:
           dead.append(f"{module}.{node.name}")
-  assert not dead, f"kernel module functions nothing reaches: {dead}"
+  assert dead == [], f"kernel module functions nothing reaches: {dead}"
 
 
 @pytest.mark.parametrize("q", computable(), ids=lambda q: q.name)

@@ -56,7 +56,7 @@ def _suite_settings():
 def test_clean_llama_cpp_passes_at_the_settings_people_run(model, recipe, work):
   runs = vs.clean_runs(model, recipe, work, settings=_suite_settings())
   bad = [(r.setting, r.first_divergence, r.worst) for r in runs if r.result != "PASS"]
-  assert not bad, bad
+  assert bad == [], bad
 
 
 @pytest.mark.slow
@@ -64,7 +64,7 @@ def test_clean_llama_cpp_passes_at_the_settings_people_run(model, recipe, work):
 def test_clean_llama_cpp_passes_at_all_eight_settings(model, recipe, work):
   runs = vs.clean_runs(model, recipe, work)
   bad = [(r.setting, r.first_divergence, r.worst) for r in runs if r.result != "PASS"]
-  assert not bad, bad
+  assert bad == [], bad
 
 
 @pytest.mark.parametrize(("model", "recipe"), _goldens(), ids=[f"{m}-{r}" for m, r in _goldens()])

@@ -106,7 +106,7 @@ def _compare_bytes(mini, tmp_path, recipe, layout, imatrix):
   want, got = _tensors(ref), _tensors(ours)
   assert list(got) == list(want)  # same tensors, same (llama-quantize) order
   bad = [(n, want[n][0], got[n][0]) for n in want if want[n] != got[n]]
-  assert not bad, f"{len(bad)} tensors differ (name, llama.cpp type, dq3jax type): {bad}"
+  assert bad == [], f"{len(bad)} tensors differ (name, llama.cpp type, dq3jax type): {bad}"
   if imatrix is not None:
     assert any(t.imatrix for t in res.tensors)
   return ours

@@ -56,7 +56,7 @@ def test_what_the_f16_cache_rounds(form, kinds, monkeypatch):
   assert len(seen) == len(kinds) * CFG.num_hidden_layers + (CFG.num_hidden_layers if "kv.c" in kinds else 0)
   seen.clear()
   jax.eval_shape(lambda p: transformer.forward(p, TOKENS, CFG, form=form).logits, PARAMS)
-  assert not seen
+  assert seen == []
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -62,7 +62,7 @@ def test_current_rules_match_llama_cpp(ref, r1_config, v2_lite_config, model, la
     plan = make_plan(inv, d, resolve_recipe(preset, rules="current"), RULE_SETS["current"], layout)
     mine = {t.name: t.type for t in plan.tensors}
     diff = {n: (got[n], mine[n]) for n in got if got[n] != mine[n]}
-    assert not diff, f"{preset}: llama.cpp vs dq3jax {dict(list(diff.items())[:5])}"
+    assert diff == {}, f"{preset}: llama.cpp vs dq3jax {dict(list(diff.items())[:5])}"
 
 
 def test_n_gqa_branch_matches_llama_cpp(ref, r1_config):
