@@ -4,7 +4,7 @@ The face (everything else in the package's modules is implementation):
   config:   DeepseekV3Config, RopeConfig, RopeKind (frozen dataclasses and enums; `DeepseekV3Config.from_hf_config`)
   running:  logits, logits_and_intermediates, incremental_logits (prefill + decode through the latent cache),
             evaluate / Evaluation (token log-probabilities), stagewise; Dtype (float32, float64 exact, bfloat16),
-            AttnForm (expanded or absorbed MLA)
+            AttnForm (expanded or absorbed MLA), ExpertCompute (dense or sparse routed experts)
   engines:  ActQuant (llama.cpp's activation quantization, emulated)
   weights:  init_params (seeded random weights), truncate_params, tiny_config
 Names resolve on first use, so `import dq3jax.model` costs nothing until one is asked for.
@@ -26,6 +26,7 @@ _FACE = {
   "logits_and_intermediates": "runner",
   "stagewise": "runner",
   "AttnForm": "mla",
+  "ExpertCompute": "moe",
   "ActQuant": "act_quant",
   "init_params": "random_init",
   "tiny_config": "random_init",

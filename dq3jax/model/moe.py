@@ -10,6 +10,7 @@ SwiGLU output before its w_down; the router's input only if the router is not F3
 
 from __future__ import annotations
 
+import enum
 from typing import NamedTuple
 
 import jax
@@ -19,6 +20,18 @@ from dq3jax.model import undecided
 from dq3jax.model.act_quant import ActQuant, apply, scope
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.layers import einsum, linear, swiglu, upcast_dtype
+
+
+class ExpertCompute(enum.Enum):
+  """How the routed experts are evaluated; both give the same experts' outputs and differ only in the order
+  the K selected contributions are summed (float rounding)."""
+
+  # Every expert on every token, unselected ones weighted by +0.0: gather-free and shardable over experts
+  # (model/sharding.py); E/K times the work of the sparse form.
+  DENSE = "dense"
+  # Only the K selected experts per token: token slots sorted by expert and multiplied per expert group
+  # (lax.ragged_dot), the work and activations of K experts instead of E.
+  SPARSE = "sparse"
 
 
 class Routing(NamedTuple):
@@ -112,6 +125,33 @@ def routed_experts(
   return einsum("ne,ned->nd", combine.astype(x.dtype), out)
 
 
+def routed_experts_sparse(
+  p: dict, x: jax.Array, ids: jax.Array, weights: jax.Array, aq: ActQuant | None = None
+) -> jax.Array:
+  """sum_k weights[:, k] * expert_{ids[:, k]}(x) for x [N, d], computing only the selected experts.
+
+  The N*K (token, slot) pairs are sorted by expert id, so each expert multiplies one contiguous run of rows
+  (a ragged matmul over expert groups); the outputs are put back in slot order and summed over k in order.
+  Activation rounding (aq) is per row, so rounding the tokens before the gather is rounding each copy.
+  """
+  n, k = ids.shape
+  n_exp = p["w_gate"].shape[0]
+  flat = ids.reshape(-1)  # [N*K]
+  order = jnp.argsort(flat, stable=True)  # [N*K]: slots grouped by expert, token order within an expert
+  token = order // k  # [N*K]: the token each sorted slot belongs to
+  sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)  # [E] rows per expert group
+  prec = jax.lax.Precision.HIGHEST
+
+  def per_expert(rows, w):  # rows [N*K, in] sorted; w [E, out, in] (torch layout) -> [N*K, out]
+    return jax.lax.ragged_dot(rows, jnp.swapaxes(w, 1, 2), sizes, precision=prec)
+
+  gate = per_expert(apply(aq, x, "w_gate")[token], p["w_gate"])  # [N*K, I]
+  up = per_expert(apply(aq, x, "w_up")[token], p["w_up"])
+  out = per_expert(apply(aq, jax.nn.silu(gate) * up, "w_down"), p["w_down"])  # [N*K, d]
+  by_slot = jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)  # [N, K, d]
+  return einsum("nk,nkd->nd", weights.astype(x.dtype), by_slot)
+
+
 def moe(
   p: dict, x: jax.Array, cfg: DeepseekV3Config, aq: ActQuant | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -127,14 +167,16 @@ def moe_layer(
   cfg: DeepseekV3Config,
   aq: ActQuant | None = None,
   override: jax.Array | None = None,
+  experts: ExpertCompute = ExpertCompute.DENSE,
 ) -> tuple[jax.Array, Routing]:
   """x [B, T, d] -> (y [B, T, d], the Routing of its B * T tokens, flattened). override: [B, T, K] or None
-  (see `routing`)."""
+  (see `routing`); experts: how the routed experts are evaluated."""
   flat = x.reshape(-1, x.shape[-1])
   if override is not None:
     override = override.reshape(flat.shape[0], -1)
   r = routing(p, flat, cfg, aq, override)
-  y = routed_experts(p["experts"], flat, r.ids, r.weights, scope(aq, "experts"))
+  run = routed_experts_sparse if experts is ExpertCompute.SPARSE else routed_experts
+  y = run(p["experts"], flat, r.ids, r.weights, scope(aq, "experts"))
   if "shared" in p:
     y = y + swiglu(p["shared"], flat, scope(aq, "shared"))
   return y.reshape(x.shape), r

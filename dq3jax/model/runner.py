@@ -30,6 +30,7 @@ from dq3jax.model import undecided as undecided_mod
 from dq3jax.model.act_quant import ActQuant
 from dq3jax.model.config import DeepseekV3Config
 from dq3jax.model.mla import AttnForm
+from dq3jax.model.moe import ExpertCompute
 
 
 class Dtype(enum.Enum):
@@ -58,9 +59,20 @@ def cast_params(params: dict, dtype: Dtype) -> dict:
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "form", "intermediates", "act_quant", "kv_cache"))
+@functools.partial(
+  jax.jit, static_argnames=("cfg", "form", "intermediates", "act_quant", "kv_cache", "experts")
+)
 def _forward(
-  params, tokens, cache, cfg, form, intermediates, act_quant=None, kv_cache="f32", route_override=None
+  params,
+  tokens,
+  cache,
+  cfg,
+  form,
+  intermediates,
+  act_quant=None,
+  kv_cache="f32",
+  route_override=None,
+  experts=ExpertCompute.DENSE,
 ):
   return transformer.forward(
     params,
@@ -72,6 +84,7 @@ def _forward(
     act_quant=act_quant,
     kv_cache=kv_cache,
     route_override=route_override,
+    experts=experts,
   )
 
 
@@ -287,13 +300,18 @@ def logits(
   act_quant: ActQuant | None = None,
   kv_cache: str = "f32",
   route_override=None,
+  experts: ExpertCompute | str = ExpertCompute.DENSE,
 ) -> np.ndarray:
   """Full-sequence logits [B, T, V] (numpy, in `dtype`) for tokens [B, T].
 
   mesh: routed experts sharded over its first axis. form: EXPANDED unless given or implied by act_quant
   (module doc). kv_cache: "f32" or "f16" (llama.cpp's F16 KV cache, mla.py). route_override: forced expert ids
-  per MoE layer (`route_overrides`)."""
-  out = _full_forward(params, tokens, cfg, dtype, form, False, mesh, act_quant, kv_cache, route_override)
+  per MoE layer (`route_overrides`). experts: "dense" (every expert on every token, weighted 0 where not
+  selected; shardable) or "sparse" (only the selected experts; same experts' outputs, the K contributions
+  summed in another order)."""
+  out = _full_forward(
+    params, tokens, cfg, dtype, form, False, mesh, act_quant, kv_cache, route_override, experts
+  )
   return _to_numpy(out.logits)
 
 
@@ -308,15 +326,23 @@ def logits_and_intermediates(
   act_quant: ActQuant | None = None,
   kv_cache: str = "f32",
   route_override=None,
+  experts: ExpertCompute | str = ExpertCompute.DENSE,
 ) -> tuple[np.ndarray, list[dict]]:
   """(logits [B, T, V], per-layer list of dicts of the layer's intermediates, see transformer.Output), with the
   options of `logits`."""
-  out = _full_forward(params, tokens, cfg, dtype, form, True, mesh, act_quant, kv_cache, route_override)
+  out = _full_forward(
+    params, tokens, cfg, dtype, form, True, mesh, act_quant, kv_cache, route_override, experts
+  )
   return _to_numpy(out.logits), _to_numpy(out.intermediates)
 
 
-def _full_forward(params, tokens, cfg, dtype, form, intermediates, mesh, act_quant, kv_cache, route_override):
+def _full_forward(
+  params, tokens, cfg, dtype, form, intermediates, mesh, act_quant, kv_cache, route_override, experts
+):
   dtype = Dtype(dtype)
+  experts = ExpertCompute(experts)
+  if mesh is not None and experts is ExpertCompute.SPARSE:
+    raise ValueError("experts='sparse' is not sharded yet; use the dense experts with a mesh")
   form = _form(form, act_quant, dtype, AttnForm.EXPANDED)
   tokens = np.asarray(tokens)
   ov = _slice_override(route_overrides(route_override, cfg, *tokens.shape), 0, tokens.shape[1])
@@ -343,6 +369,7 @@ def incremental_logits(
   act_quant: ActQuant | None = None,
   kv_cache: str = "f32",
   route_override=None,
+  experts: ExpertCompute | str = ExpertCompute.DENSE,
 ) -> np.ndarray:
   """Logits [B, T, V] computed as one prefill of the first `prefill` tokens, then one token at a time
   through the latent KV cache. Equals `logits(...)` up to rounding. form: ABSORBED unless given or implied

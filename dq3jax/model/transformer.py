@@ -64,6 +64,7 @@ def forward(
   kv_cache: str = "f32",
   route_override: tuple | None = None,
   undecided: bool = False,
+  experts: moe.ExpertCompute = moe.ExpertCompute.DENSE,
 ) -> Output:
   """Logits for tokens [B, T].
 
@@ -75,7 +76,7 @@ def forward(
   kv_cache: "f32", or "f16" to emulate llama.cpp's F16 KV cache (mla.py). route_override: None, or per
   layer (a sequence of num_hidden_layers entries) None or int32 [B, T, K] forced expert ids for MoE layers
   (moe.routing; runner.logits validates them). undecided: count the undecided points of this pass
-  (Output.undecided).
+  (Output.undecided). experts: dense (every expert, the default) or sparse (the selected ones) routed experts.
   """
   b, t = tokens.shape
   start = jnp.zeros((), jnp.int32) if cache is None else cache["length"].astype(jnp.int32)
@@ -100,6 +101,7 @@ def forward(
           aq=scope(act_quant, "layers", str(i)),
           kv_cache=kv_cache,
           override=None if route_override is None else route_override[i],
+          experts=experts,
         )
       new_layers.append(stored)
       records.append(record)
@@ -184,6 +186,7 @@ def ffn_block(
   moe_layer: bool,
   aq: ActQuant | None,
   override: jax.Array | None = None,
+  experts: moe.ExpertCompute = moe.ExpertCompute.DENSE,
 ) -> tuple[jax.Array, dict]:
   """The feed-forward half of a decoder layer: h [B, T, d] -> (h + MLP or MoE, its record: hidden_after_mlp
   and, for MoE layers, topk_ids, topk_weights, router_scores). override [B, T, K] or None (MoE layers)."""
@@ -191,7 +194,7 @@ def ffn_block(
   aq_mlp = scope(aq, "mlp")
   record = {}
   if moe_layer:
-    y, r = moe.moe_layer(lp["mlp"], x, cfg, aq_mlp, override)
+    y, r = moe.moe_layer(lp["mlp"], x, cfg, aq_mlp, override, experts)
     lead = x.shape[:-1]
     record.update(
       topk_ids=r.ids.reshape(*lead, -1),
@@ -222,6 +225,7 @@ def decoder_layer(
   aq: ActQuant | None,
   kv_cache: str = "f32",
   override: jax.Array | None = None,
+  experts: moe.ExpertCompute = moe.ExpertCompute.DENSE,
 ) -> tuple[jax.Array, dict, dict | None]:
   """One decoder layer on h [B, T, d] -> (h, its intermediates record, its updated cache entry or None):
   attention_block then ffn_block. aq is scoped to the layer's params; override [B, T, K] or None."""
@@ -229,5 +233,5 @@ def decoder_layer(
     lp, h, cfg, rope_cs=rope_cs, q_positions=q_positions, start=start, cache_layer=cache_layer, form=form,
     aq=aq, kv_cache=kv_cache,
   )  # fmt: skip
-  h, ffn_record = ffn_block(lp, h, cfg, moe_layer=moe_layer, aq=aq, override=override)
+  h, ffn_record = ffn_block(lp, h, cfg, moe_layer=moe_layer, aq=aq, override=override, experts=experts)
   return h, record | ffn_record, stored

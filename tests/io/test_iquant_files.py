@@ -1,8 +1,8 @@
 """GGUF files holding the dequantize-only i-quants, made by llama.cpp itself, read, run and diffed by dq3jax.
 
 A seeded mini DeepSeek-V3 (every row a multiple of 256 except attn_k_b's 32) is written as an F32 GGUF, and
-llama.cpp's llama_model_quantize turns it into i-quant files with an importance matrix (IQ1_S, IQ1_M, IQ2_XXS
-and IQ2_XS refuse to quantize without one), so the files hold what published DeepSeek i-quant GGUFs hold: the
+llama.cpp's llama_model_quantize turns it into i-quant files with an importance matrix (llama.cpp requires
+one for its IQ1 and IQ2 ftypes; every file gets it), so the files hold what published DeepSeek i-quant GGUFs hold: the
 ftype's i-quant for most weights, with llama.cpp's own choices (k-quants, IQ4_NL fallbacks, ...) elsewhere.
 On each file:
 
@@ -110,13 +110,15 @@ def _types(path) -> dict[str, str]:
 
 @pytest.mark.parametrize("ftype", FTYPES)
 def test_llama_cpp_files_hold_the_ftypes_iquant(files, ftype):
-  types = _types(files(ftype))
   main = FTYPES[ftype][1]
-  weights = [n for n, t in gguf_read.read_gguf(files(ftype)).tensors.items() if len(t.ne) >= 2]
-  held = [n for n in weights if types[n] == main]
-  # The experts (most of V3's weights) take the ftype's type; llama.cpp promotes some others.
-  assert any(types[n] == main for n in weights if "_exps" in n), types
-  assert len(held) * 2 >= len(weights), f"{ftype}: {len(held)} of {len(weights)} weights are {main}: {types}"
+  weights = {n: t for n, t in gguf_read.read_gguf(files(ftype)).tensors.items() if len(t.ne) >= 2}
+  types = {n: t.type_name for n, t in weights.items()}
+  # Measured (llama.cpp 0c1e570): the ftype's type holds 17-19 of the 24 matrices, 85-92 % of the weights;
+  # the rest are llama.cpp's promotions (output, token_embd, attn_output) and attn_k_b's IQ4_NL fallback.
+  assert all(types[n] == main for n in weights if "_exps" in n), types
+  elems = {n: int(np.prod(t.ne)) for n, t in weights.items()}
+  share = sum(e for n, e in elems.items() if types[n] == main) / sum(elems.values())
+  assert share > 0.8, f"{ftype}: {main} holds {share:.1%} of the weights: {types}"
 
 
 def test_the_files_cover_every_dequantize_only_type(files):
@@ -175,6 +177,7 @@ def test_logits_command_runs_the_file(files, ftype, tmp_path):
   got = np.load(out)
   assert got.shape == (1, 8, cfg.vocab_size) and np.isfinite(got).all()
   assert np.array_equal(got.view(np.uint32), np.asarray(want, np.float32).view(np.uint32))
+  assert not np.array_equal(got, runner.logits(init_params(mini_config(), SEED), tokens, cfg))  # quantized
 
 
 @pytest.mark.parametrize("ftype", ["IQ2_XXS", "IQ3_XXS", "IQ1_S"])
