@@ -29,7 +29,9 @@ def test_quantize_and_dequantize_match_ggml(type_name, mode):
 
 
 # Every type dq3jax reads, through the public dequantize: also the i-quants it cannot write yet.
-@pytest.mark.parametrize("type_name", [q.name for q in REGISTRY.values() if q.dequantizable and q.name != "F32"])
+@pytest.mark.parametrize(
+  "type_name", [q.name for q in REGISTRY.values() if q.dequantizable and q.name != "F32"]
+)
 def test_dequantize_random_bytes_matches_ggml(type_name):
   crosscheck.check_random_bytes(type_name, 4096)
 
