@@ -97,7 +97,7 @@ def prepare(
   """Plan and validate without quantizing anything: unknown recipes, types dq3jax cannot quantize, shape
   fallbacks that llama.cpp rejects and importance matrices of the wrong size all fail here."""
   r = get_recipe(recipe, rules)
-  plan = plan_for(source.config, r, rules, layout)
+  plan = plan_for(source.config, r, rules, layout, imatrix=imatrix is not None)
   if imatrix is not None and imatrix.entries and not {t.name for t in plan.tensors} & set(imatrix.entries):
     raise ValueError(f"imatrix {imatrix.path}: none of its entries names a tensor of this model")
   return Prepared(recipe=r, plan=plan, jobs=tuple(make_jobs(source, plan, imatrix=imatrix)))

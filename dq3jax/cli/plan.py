@@ -31,6 +31,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   options.rules(p)
   options.layers(p)
   options.experts(p)
+  p.add_argument(
+    "--with-imatrix",
+    action="store_true",
+    help="plan as llama-quantize does when it is given an importance matrix (IQ3_XXS, IQ4_NL and IQ4_XS "
+    "choose some tensors' types differently then)",
+  )
   out = p.add_mutually_exclusive_group()
   out.add_argument("--json", action="store_true", help="machine-readable output")
   out.add_argument(
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     layout=args.layout,
     layers=args.layers,
     experts=args.experts,
+    imatrix=args.with_imatrix,
   )
   if args.llama_tensor_types:
     from dq3jax.recipes.llama_args import tensor_type_file

@@ -218,9 +218,12 @@ def _producer(source, name, ne, q: QType, rows_imat, result: TensorResult, on_re
   return pieces
 
 
-def plan_for(cfg, recipe: Recipe, rules: str, layout: str) -> Plan:
+def plan_for(cfg, recipe: Recipe, rules: str, layout: str, *, imatrix: bool = False) -> Plan:
+  """The plan of `recipe` for a model config; imatrix: whether an importance matrix is given (llama-quantize
+  chooses some i-quant presets' types differently then)."""
   rs = get_rule_set(rules)
-  return make_plan(gguf_layout.tensors(cfg, layout), gguf_layout.dims_of(cfg), recipe, rs, layout)
+  tensors, dims = gguf_layout.tensors(cfg, layout), gguf_layout.dims_of(cfg)
+  return make_plan(tensors, dims, recipe, rs, layout, imatrix=imatrix)
 
 
 def quantize_to_gguf(
@@ -238,7 +241,7 @@ def quantize_to_gguf(
   cfg = source.config
   r = get_recipe(recipe, rules)
   gguf_meta.check_representable(cfg)
-  plan = plan_for(cfg, r, rules, layout)
+  plan = plan_for(cfg, r, rules, layout, imatrix=imatrix is not None)
   _check_imatrix_matches(imatrix, plan)
   results: list[TensorResult] = []
   jobs = make_jobs(source, plan, imatrix=imatrix, on_result=results.append)

@@ -24,7 +24,20 @@ def use_more_bits(i: int, n: int) -> bool:
 FUNCTIONS: dict[str, Callable[..., int | bool]] = {"use_more_bits": use_more_bits}
 
 # Variables a rule can refer to; documented in docs/recipes.md and recipe_file.py.
-VARIABLES = ("i", "n", "k", "m", "n_moe", "n_gqa", "n_expert", "ne0", "ne1", "ne2")
+VARIABLES = (
+  "i",
+  "n",
+  "k",
+  "m",
+  "n_moe",
+  "n_gqa",
+  "n_expert",
+  "ne0",
+  "ne1",
+  "ne2",
+  "ffn_down_idx",
+  "imatrix",
+)
 
 
 class ExprError(ValueError):

@@ -31,6 +31,7 @@ def tensor_type_overrides(plan: Plan) -> list[tuple[str, str]]:
     builtin_recipe(plan.recipe.ftype, plan.rules.name),
     plan.rules,
     plan.layout,
+    imatrix=plan.imatrix,
   )
   base_by = base.by_name()
   # llama.cpp's attn_v rules index a running counter that only advances for tensors the rules visit; an
@@ -38,11 +39,17 @@ def tensor_type_overrides(plan: Plan) -> list[tuple[str, str]]:
   # overridden, all of them are.
   attn_v = [t for t in plan.tensors if re.search(plan.rules.attn_v_like, t.name)]
   pin_attn_v = any(_choice(t) != _choice(base_by[t.name]) for t in attn_v)
+  # Likewise the IQ1/IQ2 presets' ffn_down rule reads the running ffn_down counter (ffn_down_idx).
+  down = [t for t in plan.tensors if "ffn_down" in t.name]
+  pin_down = any("ffn_down_idx" in (r.when or "") for r in base.recipe.rules) and any(
+    _choice(t) != _choice(base_by[t.name]) for t in down
+  )
   groups: dict[tuple[str, str], list[int]] = {}
   singles: list[tuple[str, str]] = []
   for t in plan.tensors:
     want, have = _choice(t), _choice(base_by[t.name])
-    if want == have and not (pin_attn_v and re.search(plan.rules.attn_v_like, t.name)):
+    pinned = (pin_attn_v and re.search(plan.rules.attn_v_like, t.name)) or (pin_down and "ffn_down" in t.name)
+    if want == have and not pinned:
       continue
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
     if m:

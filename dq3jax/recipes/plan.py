@@ -65,6 +65,8 @@ class Plan:
   layout: str
   dims: ModelDims
   tensors: tuple[PlannedTensor, ...]
+  # Planned as if llama-quantize were given an importance matrix (changes IQ3_XXS / IQ4_NL / IQ4_XS choices).
+  imatrix: bool = False
 
   @property
   def total_bytes(self) -> int:
@@ -89,6 +91,7 @@ class Plan:
       "layout": self.layout,
       "layers": self.dims.n_layer,
       "experts": self.dims.n_expert,
+      "imatrix": self.imatrix,
       "tensors": [t.to_json() for t in self.tensors],
       "totals": {
         "bytes": self.total_bytes,
@@ -104,7 +107,12 @@ def n_gqa_for(dims: ModelDims, layout: str) -> int:
   return dims.n_head // (dims.n_head_kv if layout == "kv_b" else 1)
 
 
-def tensor_env(t: TensorInfo, dims: ModelDims, n_gqa: int) -> dict[str, int | None]:
+def tensor_env(
+  t: TensorInfo, dims: ModelDims, n_gqa: int, ffn_down_idx: int | None = None, imatrix: bool = False
+) -> dict[str, int | None]:
+  """Condition variables of one tensor. `ffn_down_idx`: its position among the quantized `ffn_down` tensors
+  in visit order (llama.cpp's running i_ffn_down, which the IQ1/IQ2 presets compare with n / 8; on MoE layers
+  it advances twice per layer, for ffn_down_exps and ffn_down_shexp)."""
   i = t.layer
   moe = i is not None and dims.is_moe_layer(i)
   return {
@@ -118,17 +126,27 @@ def tensor_env(t: TensorInfo, dims: ModelDims, n_gqa: int) -> dict[str, int | No
     "ne0": t.ne[0],
     "ne1": t.ne[1] if len(t.ne) > 1 else 1,
     "ne2": t.ne[2] if len(t.ne) > 2 else 1,
+    "ffn_down_idx": ffn_down_idx,
+    "imatrix": int(imatrix),
   }
 
 
 def make_plan(
-  tensors: Sequence[TensorInfo], dims: ModelDims, recipe: Recipe, rs: RuleSet, layout: str
+  tensors: Sequence[TensorInfo],
+  dims: ModelDims,
+  recipe: Recipe,
+  rs: RuleSet,
+  layout: str,
+  *,
+  imatrix: bool = False,
 ) -> Plan:
-  """The type, size and reason llama-quantize (under rule set `rs`) would give each of `tensors` for
-  `recipe`: tensors it leaves alone keep their source type, the others go through the recipe's rules, the
-  driver rules and the shape fallbacks."""
+  """The type, size and reason llama-quantize (under rule set `rs`) would give each of `tensors` (in its
+  visit order) for `recipe`: tensors it leaves alone keep their source type, the others go through the
+  recipe's rules, the driver rules and the shape fallbacks. `imatrix`: plan as if an importance matrix is
+  given (llama.cpp's has_imatrix; without one, the presets that need it are marked requires_imatrix)."""
   n_gqa = n_gqa_for(dims, layout)
   out = []
+  n_down = 0
   for t in tensors:
     q, why = is_quantized(t.name, t.ne, recipe)
     if not q:
@@ -146,7 +164,10 @@ def make_plan(
         )
       )
       continue
-    c = choose(t.name, t.ne, tensor_env(t, dims, n_gqa), recipe, rs)
+    down_idx = None
+    if "ffn_down" in t.name:
+      down_idx, n_down = n_down, n_down + 1
+    c = choose(t.name, t.ne, tensor_env(t, dims, n_gqa, down_idx, imatrix), recipe, rs)
     out.append(
       PlannedTensor(
         name=t.name,
@@ -157,10 +178,10 @@ def make_plan(
         quantized=True,
         source=c.source,
         fallback_from=c.fallback_from,
-        requires_imatrix=requires_imatrix(t.name, c.type, recipe),
+        requires_imatrix=requires_imatrix(t.name, c.type, recipe, rs),
       )
     )
-  return Plan(recipe=recipe, rules=rs, layout=layout, dims=dims, tensors=tuple(out))
+  return Plan(recipe=recipe, rules=rs, layout=layout, dims=dims, tensors=tuple(out), imatrix=imatrix)
 
 
 def plan_from_config(
@@ -171,12 +192,13 @@ def plan_from_config(
   layout: str = "split",
   layers: int | None = None,
   experts: int | None = None,
+  imatrix: bool = False,
 ) -> Plan:
   """make_plan for the model an HF config describes (optionally truncated); `recipe` a name or a path."""
   rs = get_rule_set(rules)
   r = resolve_recipe(recipe, rules=rules) if isinstance(recipe, str) else recipe
   dims = dims_from_config(cfg, layers=layers, experts=experts)
-  return make_plan(inventory(dims, layout), dims, r, rs, layout)
+  return make_plan(inventory(dims, layout), dims, r, rs, layout, imatrix=imatrix)
 
 
 def gib_rounded_up(nbytes: int) -> int:
@@ -188,7 +210,8 @@ def format_table(plan: Plan) -> str:
   w = max(len(t.name) for t in plan.tensors)
   lines = [
     f"recipe {plan.recipe.name}  rules {plan.rules.name} (llama.cpp {plan.rules.llama_cpp})  "
-    f"layout {plan.layout}  layers {plan.dims.n_layer}  experts {plan.dims.n_expert}",
+    f"layout {plan.layout}  layers {plan.dims.n_layer}  experts {plan.dims.n_expert}"
+    + ("  with imatrix" if plan.imatrix else ""),
     "",
   ]
   lines.append(f"{'tensor':<{w}}  {'shape (ne)':<22} {'type':<7} {'MiB':>11}  note")

@@ -20,7 +20,9 @@ Schema (all keys except `name` and `rules` optional; unknown keys are an error):
 
 Condition variables: i (layer of `blk.i.`), n (layers of the model planned, after truncation), k
 (first_k_dense_replace), m (= i - k on MoE layers, undefined on dense ones), n_moe (= n - k), n_gqa, n_expert
-(after truncation), ne0/ne1/ne2 (ggml shape); function use_more_bits(i, n); `//` and `%` truncate like C.
+(after truncation), ne0/ne1/ne2 (ggml shape), ffn_down_idx (the tensor's position among the quantized
+ffn_down tensors in llama-quantize's visit order), imatrix (1 when planning with an importance matrix);
+function use_more_bits(i, n); `//` and `%` truncate like C.
 A condition that mentions a variable the tensor lacks (i on token_embd, m on a dense layer) is false.
 Rules written in these terms scale to truncated models by construction.
 """

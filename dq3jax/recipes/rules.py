@@ -123,9 +123,20 @@ class RuleSet:
   small_block_mismatch: str
   # Whether a separate attn_qkv branch exists (paper era); later attn_qkv is attn_v-like.
   separate_qkv_branch: bool
+  # Target types llama-quantize refuses to write without an importance matrix, each with the tensor names
+  # exempt from that rule; and the names exempt from Q2_K_S's rule (its Q2_K tensors need one).
+  imatrix_types: Mapping[str, tuple[str, ...]]
+  q2_k_s_imatrix_exempt: tuple[str, ...]
 
 
-_COMMON_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# Both versions send every 256-block i-quant (IQ4_XS included) to the 32-block IQ4_NL.
+_COMMON_FALLBACK = {
+  "Q4_K": "Q5_0",
+  "Q5_K": "Q5_1",
+  "Q6_K": "Q8_0",
+  **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")},
+}
+_EMB_OUT = ("token_embd.weight", "per_layer_token_embd.weight", "output.weight")
 
 RULE_SETS: dict[str, RuleSet] = {
   "current": RuleSet(
@@ -135,6 +146,9 @@ RULE_SETS: dict[str, RuleSet] = {
     fallback={"Q2_K": "Q4_0", "Q3_K": "Q4_0", **_COMMON_FALLBACK},
     small_block_mismatch="f16",
     separate_qkv_branch=False,
+    # tensor_requires_imatrix: by target type; token_embd and output are always exempt.
+    imatrix_types={t: _EMB_OUT for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS")},
+    q2_k_s_imatrix_exempt=_EMB_OUT,
   ),
   "legacy": RuleSet(
     name="legacy",
@@ -144,6 +158,16 @@ RULE_SETS: dict[str, RuleSet] = {
     fallback={"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", **_COMMON_FALLBACK},
     small_block_mismatch="error",
     separate_qkv_branch=True,
+    # The inline check of the paper era: IQ3_XXS is not on the list, only IQ1_M exempts token_embd and
+    # output, and Q2_K_S exempts token_embd alone.
+    imatrix_types={
+      "IQ1_S": (),
+      "IQ2_XXS": (),
+      "IQ2_XS": (),
+      "IQ2_S": (),
+      "IQ1_M": ("token_embd.weight", "output.weight"),
+    },
+    q2_k_s_imatrix_exempt=("token_embd.weight",),
   ),
 }
 
@@ -223,9 +247,11 @@ def apply_fallback(name: str, ne0: int, t: str, rs: RuleSet) -> str:
   return fb if ne0 % type_size(fb).block_elems == 0 else "F16"
 
 
-def requires_imatrix(name: str, t: str, recipe: Recipe) -> bool:
-  """llama.cpp's tensor_requires_imatrix for the types dq3jax plans: Q2_K tensors of a Q2_K_S file,
-  except token_embd and output (the IQ1/IQ2/IQ3_XXS types are not plannable here)."""
-  if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
-    return False
-  return t == "Q2_K" and recipe.ftype == "Q2_K_S"
+def requires_imatrix(name: str, t: str, recipe: Recipe, rs: RuleSet | None = None) -> bool:
+  """Whether llama-quantize (rule set `rs`, default `current`) refuses to write tensor `name` as type `t`
+  without an importance matrix: the very-low-bit i-quants, and the Q2_K tensors of a Q2_K_S file."""
+  rs = RULE_SETS["current"] if rs is None else rs
+  t = type_size(t).name
+  if t in rs.imatrix_types:
+    return name not in rs.imatrix_types[t]
+  return t == "Q2_K" and recipe.ftype == "Q2_K_S" and name not in rs.q2_k_s_imatrix_exempt

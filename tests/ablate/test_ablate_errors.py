@@ -90,17 +90,6 @@ def test_sensitivity_type(capsys):
   _fails(capsys, [*TINY, "--sensitivity-type", "Q4_K"], "needs --sensitivity")
 
 
-def test_recipe_type_without_a_fallback_for_the_row_width(capsys, tmp_path):
-  # v3-tiny's expert rows are 32 wide; IQ2_XXS needs 256 and llama.cpp defines no fallback for it.
-  recipe = tmp_path / "iq2.json"
-  recipe.write_text(
-    '{"name": "iq2", "default_type": "Q4_K", "rules": [{"match": "ffn_.*_exps", "type": "IQ2_XXS"}]}'
-  )
-  _fails(
-    capsys, [*TINY, "--recipes", str(recipe)], "ffn_down_exps.weight", "no fallback is defined for IQ2_XXS"
-  )
-
-
 @pytest.mark.parametrize("value", ["Q2_K", "q2_k", "Q8_0"])
 def test_sensitivity_type_without_sensitivity_even_the_default(capsys, value):
   # Q2_K is the default type: giving it explicitly without --sensitivity used to pass unnoticed.

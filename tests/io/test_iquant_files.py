@@ -202,3 +202,13 @@ def test_diff_of_the_file_against_itself_passes_and_a_flipped_bit_fails(files, f
   assert bad == [name]
   first = rows[name]["metrics"]["first"]
   assert (first["row"], first["block"]) == (1, 0) and first["bytes"][0]["bits"] == [3]
+
+
+def test_writing_a_type_without_a_quantizer_is_refused_before_any_output(tmp_path):
+  # dq3jax reads IQ2_XXS but cannot write it yet: the converter says so, naming the tensor, before it creates
+  # the output file (rows here are 256 wide, so no shape fallback hides the type).
+  cfg = mini_config()
+  out = tmp_path / "iq2.gguf"
+  with pytest.raises(ValueError, match=r"blk\.\d+\.\S+ .*IQ2_XXS.*which dq3jax cannot quantize"):
+    quantize_to_gguf(ParamsSource(init_params(cfg, SEED), cfg), out, "IQ2_XXS", layout="split")
+  assert list(tmp_path.iterdir()) == []

@@ -114,3 +114,24 @@ def test_cli_llama_tensor_types(tmp_path, r1_config, capsys):
   # With current rules attn_kv_b overrides must cover every layer (llama.cpp's attn_v counter).
   kvb = [x for x in lines if "attn_kv_b" in x]
   assert kvb == [r"^blk\.(" + "|".join(map(str, range(61))) + r")\.attn_kv_b\.weight$=q4_k"]
+
+
+def test_cli_with_imatrix_plans_as_llama_quantize_given_one(tmp_path, r1_config, capsys):
+  # IQ4_XS keeps the first eighth of ffn_down (R1: layers 0-7) in Q5_K only without an importance matrix
+  # (llama.cpp's general branch); with one they stay IQ4_XS: 8 tensors of 7168 x 2048 x 256 (or 18432 for the
+  # 3 dense layers), IQ4_XS 136 bytes per 256 against Q5_K's 176.
+  cfg = tmp_path / "config.json"
+  cfg.write_text(json.dumps(r1_config))
+  out = {}
+  for flag in ([], ["--with-imatrix"]):
+    assert main(["plan", str(tmp_path), "--recipe", "IQ4_XS", "--json", *flag]) == 0
+    out[bool(flag)] = json.loads(capsys.readouterr().out)
+  assert (out[False]["imatrix"], out[True]["imatrix"]) == (False, True)
+  without = {t["name"]: t["type"] for t in out[False]["tensors"]}
+  given = {t["name"]: t["type"] for t in out[True]["tensors"]}
+  changed = sorted(n for n in given if given[n] != without[n])
+  assert changed and all("ffn_down" in n for n in changed)
+  assert {without[n] for n in changed} == {"Q5_K"} and {given[n] for n in changed} == {"IQ4_XS"}
+  by_name = {t["name"]: t for t in out[True]["tensors"]}
+  saved = sum(by_name[n]["params"] // 256 * (176 - 136) for n in changed)
+  assert out[False]["totals"]["bytes"] - out[True]["totals"]["bytes"] == saved

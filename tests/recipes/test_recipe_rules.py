@@ -5,9 +5,18 @@ import collections
 import pytest
 
 from dq3jax.recipes import expr
-from dq3jax.recipes.builtin import builtin_recipe
+from dq3jax.recipes.builtin import IQ_PRESETS, builtin_recipe
 from dq3jax.recipes.plan import plan_from_config
-from dq3jax.recipes.rules import RULE_SETS, Recipe, RecipeError, Rule, apply_fallback, choose, is_quantized
+from dq3jax.recipes.rules import (
+  RULE_SETS,
+  Recipe,
+  RecipeError,
+  Rule,
+  apply_fallback,
+  choose,
+  is_quantized,
+  requires_imatrix,
+)
 
 
 def test_use_more_bits_layers_for_61():
@@ -190,6 +199,49 @@ def test_q2_k_s_requires_imatrix(r1_config):
   assert not by["blk.3.ffn_down_exps.weight"].requires_imatrix  # Q4_K (i < 61 // 8)
 
 
+def test_iq2_ffn_down_follows_the_running_counter(r1_config):
+  # The IQ1/IQ2 presets bump ffn_down while llama.cpp's ffn_down counter is below n / 8 = 7: the three dense
+  # layers, then two tensors (exps, shexp) per MoE layer, so layers 0-4 and not 5-6 as a layer rule would.
+  plan = plan_from_config(r1_config, "IQ2_XXS", rules="current", layout="split")
+  low = sorted({t.name for t in plan.tensors if "ffn_down" in t.name and t.type == "Q2_K"})
+  assert low == sorted(
+    [f"blk.{i}.ffn_down.weight" for i in range(3)]
+    + [f"blk.{i}.ffn_down_{k}.weight" for i in (3, 4) for k in ("exps", "shexp")]
+  )
+  assert not any(t.requires_imatrix for t in plan.tensors if t.type == "Q2_K")
+
+
+def test_imatrix_requirement_differs_between_rule_sets(r1_config):
+  # current: IQ3_XXS tensors need one too; token_embd and output never. legacy: IQ3_XXS did not, and only
+  # IQ1_M exempted token_embd / output.
+  cur, old = RULE_SETS["current"], RULE_SETS["legacy"]
+  r = Recipe(name="x", default_type="IQ2_XXS", rules=())
+  assert requires_imatrix("blk.0.ffn_up.weight", "IQ3_XXS", r, cur)
+  assert not requires_imatrix("blk.0.ffn_up.weight", "IQ3_XXS", r, old)
+  assert not requires_imatrix("output.weight", "IQ2_XXS", r, cur)
+  assert requires_imatrix("output.weight", "IQ2_XXS", r, old)
+  assert not requires_imatrix("output.weight", "IQ1_M", r, old)
+  assert not requires_imatrix("blk.0.ffn_up.weight", "IQ4_XS", r, cur)
+  xs = {rs: plan_from_config(r1_config, "IQ3_XS", rules=rs, layout="split") for rs in ("current", "legacy")}
+  assert {t.type for t in xs["current"].tensors if t.requires_imatrix} == {"IQ3_XXS"}
+  assert not any(t.requires_imatrix for t in xs["legacy"].tensors)
+
+
+def test_imatrix_changes_only_iq3_xxs_and_iq4_presets(r1_config):
+  for preset in IQ_PRESETS:
+    a = plan_from_config(r1_config, preset, layout="kv_b").by_name()
+    b = plan_from_config(r1_config, preset, layout="kv_b", imatrix=True).by_name()
+    diff = {n for n in a if a[n].type != b[n].type}
+    if preset in ("IQ4_NL", "IQ4_XS"):
+      # Q5_K for the first eighth of ffn_down only without an imatrix
+      assert diff and all("ffn_down" in n and a[n].type == "Q5_K" for n in diff), preset
+    elif preset == "IQ3_XXS":
+      assert {a[n].type for n in diff} == {"IQ3_S", "Q4_K", "Q3_K"}
+      assert {b[n].type for n in diff} == {"IQ3_XXS"}
+    else:
+      assert diff == set(), preset
+
+
 def test_expression_language():
   env = {"i": 9, "n": 61}
   assert expr.evaluate("use_more_bits(i, n)", env)
@@ -202,7 +254,7 @@ def test_expression_language():
 
 
 @pytest.mark.parametrize(
-  "preset", ["Q2_K", "Q2_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q8_0"]
+  "preset", ["Q2_K", "Q2_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q8_0", *IQ_PRESETS]
 )
 def test_legacy_differs_from_current_only_where_documented(r1_config, v2_lite_config, preset):
   # The current rules are checked against the real llama.cpp; legacy must differ only in attn_kv_b's branch
