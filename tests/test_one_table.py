@@ -69,6 +69,8 @@ _ALLOWED_TABLES = {
   ("dq3jax/model/act_quant.py", ("BF16", "F16", "Q8_0", "Q8_1", "Q8_K")),
   # llama.cpp's shape fallbacks, which differ between the llama.cpp versions a rule set follows;
   ("dq3jax/recipes/rules.py", ("Q4_K", "Q5_K", "Q6_K")),
+  # token_embd's type per llama.cpp *preset* (the IQ1/IQ2 preset names coincide with type names);
+  ("dq3jax/recipes/builtin.py", ("IQ1_M", "IQ1_S", "IQ2_S", "IQ2_XS", "IQ2_XXS")),
   # the GGUF general.file_type llama-quantize writes for an all-plain file (a file fact, per recipe).
   ("dq3jax/convert/quantize.py", ("BF16", "F16", "F32")),
 }
