@@ -4,12 +4,11 @@ statistics of style.md (NMSE as test-backend-ops, KLD and top-1 agreement as lla
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 
 from dq3jax.model.config import RopeConfig, RopeKind
 from dq3jax.model.random_init import tiny_config
+from reference import llama_quantize as llama_quantize_ref
 from reference.llama_cpp_run import llama_logits  # noqa: F401  (re-exported for the GGUF tests)
 
 FTYPE = {
@@ -58,36 +57,7 @@ def llama_quantize(
 ) -> None:
   """Run llama.cpp's llama_model_quantize: preset ftype, optional imatrix {name: flat float32}, optional
   --tensor-type overrides [(regex, type name)]."""
-  from llama_cpp import llama_cpp as lc
-
-  from dq3jax.qtypes import qtype_of
-
-  p = lc.llama_model_quantize_default_params()
-  p.ftype = FTYPE[preset]
-  p.nthread = 1
-  keep = []
-  if imatrix:
-    arr = (lc.llama_model_imatrix_data * (len(imatrix) + 1))()
-    for k, (name, vals) in enumerate(sorted(imatrix.items())):
-      v = np.ascontiguousarray(vals, dtype=np.float32).reshape(-1)
-      keep.append(v)
-      arr[k].name = name.encode()
-      arr[k].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-      arr[k].size = v.size
-    arr[len(imatrix)].name = None
-    p.imatrix = arr
-    keep.append(arr)
-  if overrides:
-    tt = (lc.llama_model_tensor_override * (len(overrides) + 1))()
-    pats = [pat.encode() for pat, _ in overrides]
-    keep.append(pats)
-    for k, (_, t) in enumerate(overrides):
-      tt[k].pattern = pats[k]
-      tt[k].type = qtype_of(t).id
-    tt[len(overrides)].pattern = None
-    p.tt_overrides = tt
-    keep.append(tt)
-  rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+  rc = llama_quantize_ref.quantize(src, dst, FTYPE[preset], imatrix=imatrix or None, overrides=overrides)
   assert rc == 0, f"llama_model_quantize failed ({rc})"
 
 

@@ -16,7 +16,6 @@ On each file:
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 
@@ -32,6 +31,7 @@ from dq3jax.io.imatrix import read_imatrix, write_gguf
 from dq3jax.model import runner
 from dq3jax.model.random_init import init_params
 from dq3jax.qtypes import REGISTRY, qtype_of
+from reference import llama_quantize as llama_quantize_ref
 from tests.io.gguf_llama_ref import mini_config
 from tests.quant.compare import float_bits_report
 
@@ -54,20 +54,7 @@ DEQUANT_ONLY = {q.name for q in REGISTRY.values() if q.storable and q.dequantiza
 
 def _llama_quantize(src, dst, ftype: int, imatrix: dict[str, np.ndarray]) -> None:
   """llama.cpp's llama_model_quantize with an llama_ftype id and an imatrix {name: flat float32}."""
-  from llama_cpp import llama_cpp as lc
-
-  p = lc.llama_model_quantize_default_params()
-  p.ftype = ftype
-  p.nthread = 1
-  keep = [np.ascontiguousarray(imatrix[n], dtype=np.float32).reshape(-1) for n in sorted(imatrix)]
-  arr = (lc.llama_model_imatrix_data * (len(keep) + 1))()  # terminated by a null name
-  for k, (name, v) in enumerate(zip(sorted(imatrix), keep, strict=True)):
-    arr[k].name = name.encode()
-    arr[k].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-    arr[k].size = v.size
-  arr[len(keep)].name = None
-  p.imatrix = arr
-  rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+  rc = llama_quantize_ref.quantize(src, dst, ftype, imatrix=imatrix)
   assert rc == 0, f"llama_model_quantize failed ({rc})"
 
 

@@ -6,8 +6,6 @@ where `imatrix_use` says llama-quantize applies it. The i-quant presets: llama-q
 whose plan marks a tensor requires_imatrix, and, given an imatrix, writes the plan made with imatrix=True (an
 8-layer model, so the imatrix-dependent first-eighth rules of IQ3_XXS / IQ4_NL / IQ4_XS show)."""
 
-import ctypes
-
 import gguf
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from dq3jax.recipes.imatrix_use import imatrix_use
 from dq3jax.recipes.inventory import dims_from_config, inventory
 from dq3jax.recipes.plan import plan_from_config
 from dq3jax.recipes.recipe_file import resolve_recipe
+from reference import llama_quantize as llama_quantize_ref
 from tests.recipes.tiny_gguf import FTYPE, TINY, write_model
 
 pytestmark = [
@@ -26,24 +25,7 @@ pytestmark = [
 
 
 def _quantize(src, dst, preset, imatrix=None, check=True):
-  from llama_cpp import llama_cpp as lc
-
-  p = lc.llama_model_quantize_default_params()
-  p.ftype = FTYPE[preset]
-  p.nthread = 1
-  keep = None
-  if imatrix is not None:
-    arr = (lc.llama_model_imatrix_data * (len(imatrix) + 1))()
-    keep = []
-    for k, (name, vals) in enumerate(sorted(imatrix.items())):
-      v = np.ascontiguousarray(vals, dtype=np.float32)
-      keep.append(v)
-      arr[k].name = name.encode()
-      arr[k].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-      arr[k].size = v.size
-    arr[len(imatrix)].name = None
-    p.imatrix = arr
-  rc = lc.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+  rc = llama_quantize_ref.quantize(src, dst, FTYPE[preset], imatrix=imatrix)
   if not check and rc != 0:
     return None
   assert rc == 0
@@ -113,27 +95,15 @@ def test_imatrix_application_matches_llama_quantize(tiny_model, tiny_imatrix, tm
 @pytest.mark.parametrize("recipe", ["DQ3_K_M", "Q4_K_M"])
 def test_tensor_type_overrides_reproduce_plan(tiny_model, tmp_path, recipe):
   # The real llama-quantize, given the recipe's preset plus dq3jax's --tensor-type overrides, writes the plan.
-  from llama_cpp import llama_cpp as lc
 
-  from dq3jax.qtypes import qtype_of
   from dq3jax.recipes.llama_args import tensor_type_overrides
 
   layout, path, _ = tiny_model
   plan = plan_from_config(TINY, recipe, rules="current", layout=layout)
   overrides = tensor_type_overrides(plan)
   assert (overrides == []) == (recipe == "Q4_K_M")
-  arr = (lc.llama_model_tensor_override * (len(overrides) + 1))()
-  pats = [p.encode() for p, _ in overrides]
-  for k, (_, t) in enumerate(overrides):
-    arr[k].pattern = pats[k]
-    arr[k].type = qtype_of(t).id
-  arr[len(overrides)].pattern = None
-  p = lc.llama_model_quantize_default_params()
-  p.ftype = FTYPE[plan.recipe.ftype]
-  p.nthread = 1
-  p.tt_overrides = arr
   out = tmp_path / "out.gguf"
-  assert lc.llama_model_quantize(str(path).encode(), str(out).encode(), ctypes.byref(p)) == 0
+  assert llama_quantize_ref.quantize(path, out, FTYPE[plan.recipe.ftype], overrides=overrides) == 0
   got = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in gguf.GGUFReader(out).tensors}
   want = {
     t.name: (t.type if t.quantized else "F32", t.bytes if t.quantized else 4 * t.params) for t in plan.tensors
