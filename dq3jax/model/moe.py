@@ -140,10 +140,14 @@ def routed_experts_sparse(
   order = jnp.argsort(flat, stable=True)  # [N*K]: slots grouped by expert, token order within an expert
   token = order // k  # [N*K]: the token each sorted slot belongs to
   sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)  # [E] rows per expert group
-  prec = jax.lax.Precision.HIGHEST
+  # Contract the rows' `in` with the stored weight's last axis: w stays in its torch layout [E, out, in]
+  # (no transposed copy of every expert's weights per call).
+  dims = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+  )
 
-  def per_expert(rows, w):  # rows [N*K, in] sorted; w [E, out, in] (torch layout) -> [N*K, out]
-    return jax.lax.ragged_dot(rows, jnp.swapaxes(w, 1, 2), sizes, precision=prec)
+  def per_expert(rows, w):  # rows [N*K, in] sorted; w [E, out, in] -> [N*K, out]
+    return jax.lax.ragged_dot_general(rows, w, sizes, dims, precision=jax.lax.Precision.HIGHEST)
 
   gate = per_expert(apply(aq, x, "w_gate")[token], p["w_gate"])  # [N*K, I]
   up = per_expert(apply(aq, x, "w_up")[token], p["w_up"])

@@ -434,6 +434,11 @@ def wrap_u8(v):
   return v & 0xFF
 
 
+def to_u8(v):
+  """Integer codes as the uint8 bytes C stores (wrapping as a C `uint8_t` assignment does)."""
+  return wrap_u8(v).astype(jnp.uint8)
+
+
 def wrap_i8(v):
   return ((v + 128) & 0xFF) - 128
 
@@ -492,6 +497,11 @@ def fp16_round(A: Arith, v):
   """(fp16 bits, the float32 value they decode to) of `v`: C's fp16(v) and f32(fp16(v))."""
   h = f32_bits_to_f16_bits(A.to_f32_bits(v))
   return h, A.from_f32_bits(f16_bits_to_f32_bits(h))
+
+
+def f16_value(h: jax.Array) -> jax.Array:
+  """fp16 bits (any unsigned integer array) -> their float32 value, by integer operations only."""
+  return lax.bitcast_convert_type(f16_bits_to_f32_bits(h), jnp.float32)
 
 
 def u16_le(h: jax.Array) -> list[jax.Array]:

@@ -18,13 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dq3jax.quant._arith import ExactArith, f16_bits_to_f32_bits, materialize
+from dq3jax.quant._arith import ExactArith, f16_value, materialize
 from dq3jax.quant.iq4 import KVALUES
 
 
 def _f16(lo, hi):
-  bits = f16_bits_to_f32_bits(lo.astype(jnp.uint32) | (hi.astype(jnp.uint32) << 8))
-  return lax.bitcast_convert_type(bits, jnp.float32)
+  return f16_value(lo.astype(jnp.uint32) | (hi.astype(jnp.uint32) << 8))
 
 
 def _i8(b):

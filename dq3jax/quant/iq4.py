@@ -32,18 +32,14 @@ from dq3jax.quant._arith import (
   fp16_round,
   materialize,
   seqsum,
+  to_u8,
   u16_le,
-  wrap_u8,
 )
 
 # ggml's kvalues_iq4nl: the 16 levels a 4-bit code stands for (times the group's scale), ascending.
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 GROUP = 32  # elements per scale (ggml's block_size argument)
 NTRY = 7  # ggml_quantize_chunk's ntry for both types (quantize_row_iq4_nl_ref's -1 is not on that path)
-
-
-def _u8(v):
-  return wrap_u8(v).astype(jnp.uint8)
 
 
 def _best_index(A: Arith, v, *, with_index: bool):
@@ -131,7 +127,7 @@ def _group_scales(A: Arith, xg, wg):
 
 def _pack_nibbles(codes):
   """[..., 32, nb] codes -> [..., 16, nb] bytes: byte j = code j | code j+16 << 4."""
-  return _u8(codes[..., :16, :] | (codes[..., 16:, :] << 4))
+  return to_u8(codes[..., :16, :] | (codes[..., 16:, :] << 4))
 
 
 def iq4_nl(A: Arith, x, qw=None):
@@ -169,7 +165,7 @@ def iq4_xs(A: Arith, x, qw=None):
   out = [
     jnp.stack(u16_le(d_h)),
     jnp.stack(u16_le(scales_h)),
-    _u8(scales_l),
+    to_u8(scales_l),
     _pack_nibbles(codes).reshape(groups * GROUP // 2, nb),
   ]
   return jnp.concatenate(out, axis=0)

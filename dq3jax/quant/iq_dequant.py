@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dq3jax.quant._arith import f16_bits_to_f32_bits, materialize
+from dq3jax.quant._arith import f16_value, materialize
 from dq3jax.quant.iq_grids import (
   IQ1S_DELTA,
   IQ1S_GRID,
@@ -49,11 +49,6 @@ from dq3jax.quant.iq_grids import (
 
 _HALF = np.float32(0.5)
 _QUARTER = np.float32(0.25)
-
-
-def _half_bits(h) -> jnp.ndarray:
-  """fp16 bits (any unsigned int array) -> float32 value."""
-  return lax.bitcast_convert_type(f16_bits_to_f32_bits(h), jnp.float32)
 
 
 def _u16(b) -> jnp.ndarray:
@@ -127,7 +122,7 @@ def iq2_xxs(b, z):
   2**-27 (the scale) to below 2**24.
   """
   nb = b.shape[0]
-  d = _half_bits(_u16(b[:, 0:2])[:, 0])  # [nb]
+  d = f16_value(_u16(b[:, 0:2])[:, 0])  # [nb]
   g = b[:, 2:].reshape(nb, 8, 8)  # [nb, 32-group, 8 bytes]
   w = _u32(g[:, :, 4:8])[..., 0]  # [nb, 8]: signs and scale
   d, db = materialize(z, (d, _iq2_scales(d, w >> 28)))  # [nb], [nb, 8]
@@ -143,7 +138,7 @@ def iq2_xs(b, z):
   Same numbers as IQ2_XXS (scale d * (0.5 + s) * 0.25, grid values 8, 25, 43): exact.
   """
   nb = b.shape[0]
-  d = _half_bits(_u16(b[:, 0:2])[:, 0])
+  d = f16_value(_u16(b[:, 0:2])[:, 0])
   q = _u16(b[:, 2:66])  # [nb, 32]
   d, db = materialize(z, (d, _iq2_scales(d, _nibble_pairs(b[:, 66:74]))))  # [nb], [nb, 16]
   grid = _rows(IQ2XS_GRID, q & 511).reshape(nb, 16, 2, 8)
@@ -158,7 +153,7 @@ def iq2_s(b, z):
   Same numbers as IQ2_XXS: exact.
   """
   nb = b.shape[0]
-  d = _half_bits(_u16(b[:, 0:2])[:, 0])
+  d = f16_value(_u16(b[:, 0:2])[:, 0])
   lo = b[:, 2:34].astype(jnp.uint32).reshape(nb, 8, 4)
   qh = b[:, 66:74].astype(jnp.uint32)  # [nb, 8]
   hi = (qh[:, :, None] >> (2 * jnp.arange(4, dtype=jnp.uint32))) & 3  # [nb, 8, 4]
@@ -177,7 +172,7 @@ def iq3_xxs(b, z):
   magnitudes from 2**-26 (the scale) to below 2**25.
   """
   nb = b.shape[0]
-  d = _half_bits(_u16(b[:, 0:2])[:, 0])
+  d = f16_value(_u16(b[:, 0:2])[:, 0])
   w = _u32(b[:, 66:98])  # [nb, 8]
   d, db = materialize(z, (d, d[:, None] * (_HALF + _f(w >> 28)) * _HALF))  # [nb], [nb, 8]
   grid = _rows(IQ3XXS_GRID, b[:, 2:66]).reshape(nb, 8, 4, 8)  # group l: rows 2l and 2l+1
@@ -194,7 +189,7 @@ def iq3_s(b, z):
   bits, exact; nonzero magnitudes from 2**-24 to below 2**25.
   """
   nb = b.shape[0]
-  d = _half_bits(_u16(b[:, 0:2])[:, 0])
+  d = f16_value(_u16(b[:, 0:2])[:, 0])
   lo = b[:, 2:66].astype(jnp.uint32).reshape(nb, 8, 8)
   qh = b[:, 66:74].astype(jnp.uint32)  # [nb, 8]
   hi = (qh[:, :, None] >> jnp.arange(8, dtype=jnp.uint32)) & 1  # [nb, 8, 8]
@@ -218,7 +213,7 @@ def iq1_s(b, z):
   bits, exact; nonzero magnitudes from 2**-27 to below 2**21.
   """
   nb = b.shape[0]
-  d = _half_bits(_u16(b[:, 0:2])[:, 0])
+  d = f16_value(_u16(b[:, 0:2])[:, 0])
   qh = _u16(b[:, 34:50])  # [nb, 8]
   dl = d[:, None] * _f(2 * ((qh >> 12) & 7) + 1)  # C: float times the int (2s + 1)
   delta = jnp.where((qh & 0x8000) != 0, -IQ1S_DELTA, IQ1S_DELTA)  # [nb, 8]
@@ -238,7 +233,7 @@ def iq1_m(b, z):
   """
   nb = b.shape[0]
   sc = _u16(b[:, 48:56])  # [nb, 4]
-  d = _half_bits(
+  d = f16_value(
     (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0x00F0) | ((sc[:, 2] >> 4) & 0x0F00) | (sc[:, 3] & 0xF000)
   )
   s = (sc[:, :, None] >> (3 * jnp.arange(4, dtype=jnp.uint32))) & 7  # [nb, 4, 4] -> half 4k + i

@@ -20,6 +20,7 @@ from dq3jax.quant._arith import (
   materialize,
   positive_max,
   seqsum,
+  to_u8,
   u16_le,
   wrap_i8,
   wrap_u8,
@@ -28,16 +29,12 @@ from dq3jax.quant._arith import (
 QK_K = 256
 
 
-def _u8(v):
-  return wrap_u8(v).astype(jnp.uint8)
-
-
 def _pack_2bit(L):
   """[256, nb] codes 0..3 -> qs[64]: byte 32h+l holds elements 128h+l+32k in bits 2k..2k+1."""
   nb = L.shape[-1]
   L = L.reshape(2, 4, 32, nb)
   b = L[:, 0] | (L[:, 1] << 2) | (L[:, 2] << 4) | (L[:, 3] << 6)
-  return _u8(b.reshape(64, nb))
+  return to_u8(b.reshape(64, nb))
 
 
 def _pack_k4_scales(ls, lm):
@@ -147,7 +144,7 @@ def q2_k(A: Arith, x, qw=None):
     m_h, m_f = fp16_round(A, mm[0])
   codes = _requant_asym(A, xg, d_f, m_f, sbytes & 0xF, sbytes >> 4, codes, 3)
   codes, sbytes, d_h, m_h = materialize(A.z, (codes, sbytes, d_h, m_h))  # before packing: see materialize
-  out = [_u8(sbytes), _pack_2bit(codes.reshape(QK_K, nb)), jnp.stack(u16_le(d_h)), jnp.stack(u16_le(m_h))]
+  out = [to_u8(sbytes), _pack_2bit(codes.reshape(QK_K, nb)), jnp.stack(u16_le(d_h)), jnp.stack(u16_le(m_h))]
   return jnp.concatenate(out, axis=0)
 
 
@@ -179,7 +176,7 @@ def q3_k(A: Arith, x, qw=None):
   low = jnp.where(high, codes - 4, codes)
   hbits = high.astype(jnp.int32).reshape(8, 32, nb)  # element 32k+m -> hmask[m] bit k
   hmask = sum(hbits[k] << k for k in range(8))
-  out = [_u8(hmask), _pack_2bit(low), _u8(packed), jnp.stack(u16_le(d_h))]
+  out = [to_u8(hmask), _pack_2bit(low), to_u8(packed), jnp.stack(u16_le(d_h))]
   return jnp.concatenate(out, axis=0)
 
 
@@ -222,14 +219,14 @@ def _q45_k(A: Arith, x, qw, nmax):
   sc, m = _unpack_k4_scales(packed)
   codes = _requant_asym(A, xg, d_f, m_f, sc, m, codes, nmax).reshape(4, 2, 32, nb)  # [chunk, half, l]
   codes, packed, d_h, m_h = materialize(A.z, (codes, packed, d_h, m_h))
-  head = [jnp.stack(u16_le(d_h)), jnp.stack(u16_le(m_h)), _u8(packed)]
+  head = [jnp.stack(u16_le(d_h)), jnp.stack(u16_le(m_h)), to_u8(packed)]
   if nmax == 15:
     qs = codes[:, 0] | (codes[:, 1] << 4)
-    return jnp.concatenate(head + [_u8(qs.reshape(128, nb))], axis=0)
+    return jnp.concatenate(head + [to_u8(qs.reshape(128, nb))], axis=0)
   qs = (codes[:, 0] & 0xF) | ((codes[:, 1] & 0xF) << 4)
   hi = codes >> 4  # [4, 2, 32, nb]: bit 2c (first half) and 2c+1 (second half) of qh[l]
   qh = sum((hi[c, 0] << (2 * c)) | (hi[c, 1] << (2 * c + 1)) for c in range(4))
-  return jnp.concatenate(head + [_u8(qh), _u8(qs.reshape(128, nb))], axis=0)
+  return jnp.concatenate(head + [to_u8(qh), to_u8(qs.reshape(128, nb))], axis=0)
 
 
 def q4_k(A: Arith, x, qw=None):
@@ -261,7 +258,7 @@ def q6_k(A: Arith, x, qw=None):
   )  # [2, 64, nb]
   qh = sum((codes[:, k] >> 4) << (2 * k) for k in range(4))  # [2, 32, nb]
   out = jnp.concatenate(
-    [_u8(ql.reshape(128, nb)), _u8(qh.reshape(64, nb)), _u8(sc), jnp.stack(u16_le(d_h))], axis=0
+    [to_u8(ql.reshape(128, nb)), to_u8(qh.reshape(64, nb)), to_u8(sc), jnp.stack(u16_le(d_h))], axis=0
   )
   return jnp.where(zero_block[None, :], jnp.uint8(0), out)
 
@@ -282,5 +279,5 @@ def q8_k(A: Arith, x, qw=None):
   dbits = jnp.where(zero, jnp.uint32(0), A.to_f32_bits(A.div(A.c(1), iscale)))
   d_bytes = [((dbits >> (8 * k)) & 0xFF).astype(jnp.uint8) for k in range(4)]
   bs = bsums & 0xFFFF
-  out = [jnp.stack(d_bytes), _u8(q), jnp.stack([_u8(bs), _u8(bs >> 8)], axis=1).reshape(32, nb)]
+  out = [jnp.stack(d_bytes), to_u8(q), jnp.stack([to_u8(bs), to_u8(bs >> 8)], axis=1).reshape(32, nb)]
   return jnp.concatenate(out, axis=0)

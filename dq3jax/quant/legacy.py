@@ -19,6 +19,7 @@ from dq3jax.quant._arith import (
   first_absmax,
   fp16_round,
   scan_min_max,
+  to_u8,
   u16_le,
   wrap_i8,
   wrap_u8,
@@ -27,18 +28,14 @@ from dq3jax.quant._arith import (
 FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 
-def _u8(v):
-  return wrap_u8(v).astype(jnp.uint8)
-
-
 def _pack_nibbles(codes):
   """byte j = code j (low nibble) | code j+16 (high nibble), uint8 semantics."""
-  return _u8(codes[:16] | (codes[16:] << 4))
+  return to_u8(codes[:16] | (codes[16:] << 4))
 
 
 def _pack_q5(codes):
   """qs as Q4_0 from the low 4 bits; qh (u32 LE) bit j = bit 4 of code j."""
-  qs = _u8((codes[:16] & 0xF) | ((codes[16:] & 0xF) << 4))
+  qs = to_u8((codes[:16] & 0xF) | ((codes[16:] & 0xF) << 4))
   hbit = ((codes & 0x10) >> 4).astype(jnp.uint32)  # [32, nb]
   qh = sum(hbit[j] << j for j in range(32))
   qh_bytes = jnp.stack([((qh >> (8 * k)) & 0xFF).astype(jnp.uint8) for k in range(4)])
@@ -134,7 +131,7 @@ def q8_0(A: Arith, x, qw=None, sigma2=None):
   d_h, _ = fp16_round(A, d)
   # roundf: half away from zero, then the float -> int8 conversion.
   q = lax.round(A.mul(x, inv[None, :]), lax.RoundingMethod.AWAY_FROM_ZERO)
-  return jnp.concatenate([jnp.stack(u16_le(d_h)), _u8(wrap_i8(c_float_to_int32(q)))], axis=0)
+  return jnp.concatenate([jnp.stack(u16_le(d_h)), to_u8(wrap_i8(c_float_to_int32(q)))], axis=0)
 
 
 def row_sigma2(A: Arith, x_rows):
